@@ -1,0 +1,135 @@
+"""Multi-scale deformable attention in pure PyTorch.
+
+Zhu et al., "Deformable DETR", ICLR 2021, §4.1; the parameterisation (``deform_ratio``) follows the
+ViT-Adapter code. Numerically the same as the compiled CUDA op: bilinear ``grid_sample`` with zero padding and
+``align_corners=False``, one softmax over levels x points, offsets normalised by each level's (W, H).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SpatialShapes = Sequence[tuple[int, int]]
+
+
+def ms_deform_attn_core(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Sample every level at its locations and sum with the attention weights.
+
+    value: (N, Len_in, M, D); sampling_locations: (N, Lq, M, L, P, 2) in [0, 1], (x, y);
+    attention_weights: (N, Lq, M, L, P). Returns (N, Lq, M * D).
+    """
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    grids = 2 * sampling_locations - 1
+    # Accumulating level by level keeps the temporaries at one level's size (the stacked form of the
+    # reference implementation allocates L x P x D x Lq at once and spends its time in page faults).
+    out: Tensor | None = None
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        # N, H*W, M, D -> N*M, D, H, W
+        value_l = value[:, start : start + h * w].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        start += h * w
+        # N, Lq, M, P, 2 -> N*M, Lq, P, 2
+        grid_l = grids[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, n_points, 2)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # N*M, D, Lq, P  x  N*M, 1, Lq, P  ->  N*M, D, Lq
+        weights_l = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(n * m, 1, lq, n_points)
+        term = torch.einsum("bdqp,bxqp->bdq", sampled, weights_l)
+        out = term if out is None else out + term
+    assert out is not None, "spatial_shapes is empty"
+    # N*M, D, Lq -> N, Lq, M*D
+    return out.view(n, m, d, lq).permute(0, 3, 1, 2).reshape(n, lq, m * d)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Deformable DETR) with ViT-Adapter's value/output ratio.
+
+    Args:
+        d_model: query and output channels.
+        n_levels: number of value levels.
+        n_heads: attention heads; each owns a contiguous slice of the value channels.
+        n_points: sampling points per head and level.
+        ratio: value/output projection width as a fraction of ``d_model``.
+    """
+
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
+        value_dim = int(d_model * ratio)
+        if value_dim % n_heads:
+            raise ValueError(f"int(d_model * ratio) = {value_dim} must be divisible by n_heads = {n_heads}")
+        head_dim = value_dim // n_heads
+        if head_dim & (head_dim - 1):
+            warnings.warn(
+                f"MSDeformAttn head dim {head_dim} is not a power of 2; harmless here (the CUDA kernel of the "
+                "original implementation is merely less efficient)",
+                stacklevel=2,
+            )
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.ratio = ratio
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, value_dim)
+        self.output_proj = nn.Linear(value_dim, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init: zero offsets weights, points fanned out on 8 compass directions."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        for i in range(self.n_points):
+            grid[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        spatial_shapes: SpatialShapes,
+    ) -> Tensor:
+        """query: (N, Lq, C); reference_points: (N or 1, Lq, 1 or L, 2) normalised (x, y);
+        input_flatten: (N, sum H_l*W_l, C) with levels concatenated in ``spatial_shapes`` order."""
+        n, lq, _ = query.shape
+        len_in = input_flatten.shape[1]
+        if len(spatial_shapes) != self.n_levels:
+            raise ValueError(f"expected {self.n_levels} spatial shapes, got {len(spatial_shapes)}")
+        expected = sum(h * w for h, w in spatial_shapes)
+        if expected != len_in:
+            raise ValueError(f"spatial shapes {list(spatial_shapes)} cover {expected} tokens, value has {len_in}")
+        value = self.value_proj(input_flatten).view(n, len_in, self.n_heads, -1)
+        offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
+        # (W_l, H_l) per level, the normaliser of the offsets
+        normalizer = query.new_tensor([[w, h] for h, w in spatial_shapes])
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)
+        return self.output_proj(out)

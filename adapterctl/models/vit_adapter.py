@@ -1,0 +1,488 @@
+"""ViT-Adapter: a plain timm ViT plus spatial prior, injectors and extractors.
+
+Chen et al., "Vision Transformer Adapter for Dense Predictions", ICLR 2023. Numerically the official
+implementation (czczup/ViT-Adapter): see ``shared/reference/architecture.md`` for the contract this file keeps.
+The ViT is wrapped, not forked: its blocks run inside the interaction groups, and timm weights load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+
+from adapterctl.layers.attention import WindowedAttention
+from adapterctl.layers.ms_deform_attn import MSDeformAttn
+
+Shapes = list[tuple[int, int]]
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _checkpointed(fn: Callable[..., Tensor], *args, enabled: bool) -> Tensor:
+    """Run ``fn`` under activation checkpointing when ``enabled`` and some input needs a gradient."""
+    if enabled and torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return cp.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def reference_points(shapes: Shapes, device: torch.device) -> Tensor:
+    """Pixel centres of each (H, W) grid as normalised (x, y), concatenated: (1, sum HW, 1, 2)."""
+    refs = []
+    for h, w in shapes:
+        ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+        xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+        ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+        refs.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
+    return torch.cat(refs, 0)[None, :, None]
+
+
+class SpatialPriorModule(nn.Module):
+    """Convolutional stem giving stride 4/8/16/32 maps, projected to the ViT width (paper §3.2)."""
+
+    def __init__(
+        self,
+        inplanes: int = 64,
+        embed_dim: int = 384,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        with_cp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+
+        def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                norm_layer(cout),
+                nn.ReLU(inplace=True),
+            ]
+
+        self.stem = nn.Sequential(
+            *conv_bn_relu(3, inplanes, 2),
+            *conv_bn_relu(inplanes, inplanes, 1),
+            *conv_bn_relu(inplanes, inplanes, 1),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
+        self.fc1 = nn.Conv2d(inplanes, embed_dim, 1)
+        self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, 1)
+        self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, 1)
+        self.fc4 = nn.Conv2d(4 * inplanes, embed_dim, 1)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c1 = self.stem(x)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        c4 = self.conv4(c3)
+        return self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns c1 as a (B, D, h/4, w/4) map and c2..c4 as (B, HW_l, D) tokens."""
+        if self.with_cp and x.requires_grad and torch.is_grad_enabled():
+            c1, c2, c3, c4 = cp.checkpoint(self._forward, x, use_reentrant=False)
+        else:
+            c1, c2, c3, c4 = self._forward(x)
+        return c1, c2.flatten(2).transpose(1, 2), c3.flatten(2).transpose(1, 2), c4.flatten(2).transpose(1, 2)
+
+
+class DWConv(nn.Module):
+    """One depthwise 3x3 conv shared by the three scales of the token set ``c``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: Tensor, shapes: Shapes) -> Tensor:
+        b, _, c = x.shape
+        parts, start = [], 0
+        for h, w in shapes:
+            part = x[:, start : start + h * w].transpose(1, 2).reshape(b, c, h, w)
+            parts.append(self.dwconv(part).flatten(2).transpose(1, 2))
+            start += h * w
+        return torch.cat(parts, dim=1)
+
+
+class ConvFFN(nn.Module):
+    """fc1 -> shared depthwise conv -> GELU -> fc2 (the extractor's FFN)."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, shapes: Shapes) -> Tensor:
+        x = self.act(self.dwconv(self.fc1(x), shapes))
+        return self.drop(self.fc2(self.drop(x)))
+
+
+class Injector(nn.Module):
+    """Spatial priors into the ViT tokens: ``x + gamma * MSDeformAttn(LN(x), LN(c))`` (paper §3.3)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 6,
+        n_points: int = 4,
+        n_levels: int = 3,
+        deform_ratio: float = 1.0,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm6,
+        init_values: float = 0.0,
+        with_cp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.query_norm = norm_layer(dim)
+        self.feat_norm = norm_layer(dim)
+        self.attn = MSDeformAttn(d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points, ratio=deform_ratio)
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor, c: Tensor, ref: Tensor, shapes: Shapes) -> Tensor:
+        def _inner(x: Tensor, c: Tensor) -> Tensor:
+            return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c), shapes)
+
+        return _checkpointed(_inner, x, c, enabled=self.with_cp)
+
+
+class Extractor(nn.Module):
+    """Multi-scale features from the ViT tokens: ``c + MSDeformAttn(LN(c), LN(x))``, then a ConvFFN."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 6,
+        n_points: int = 4,
+        n_levels: int = 1,
+        deform_ratio: float = 1.0,
+        with_cffn: bool = True,
+        cffn_ratio: float = 0.25,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm6,
+        with_cp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.query_norm = norm_layer(dim)
+        self.feat_norm = norm_layer(dim)
+        self.attn = MSDeformAttn(d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points, ratio=deform_ratio)
+        self.with_cffn = with_cffn
+        if with_cffn:
+            self.ffn = ConvFFN(dim, int(dim * cffn_ratio), drop=drop)
+            self.ffn_norm = norm_layer(dim)
+            self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, query: Tensor, feat: Tensor, ref: Tensor, shapes: Shapes, c_shapes: Shapes) -> Tensor:
+        def _inner(query: Tensor, feat: Tensor) -> Tensor:
+            query = query + self.attn(self.query_norm(query), ref, self.feat_norm(feat), shapes)
+            if self.with_cffn:
+                query = query + self.drop_path(self.ffn(self.ffn_norm(query), c_shapes))
+            return query
+
+        return _checkpointed(_inner, query, feat, enabled=self.with_cp)
+
+
+def run_vit_block(block: nn.Module, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Run one timm ViT block; window-attention blocks get the token grid size they need."""
+    if isinstance(block.attn, WindowedAttention):
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), hw)))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return block(x)
+
+
+class InteractionBlock(nn.Module):
+    """Injector -> a group of ViT blocks -> extractor (+ two extra extractors after the last group)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 6,
+        n_points: int = 4,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm6,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        with_cffn: bool = True,
+        cffn_ratio: float = 0.25,
+        init_values: float = 0.0,
+        deform_ratio: float = 1.0,
+        extra_extractor: bool = False,
+        with_cp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.injector = Injector(
+            dim=dim,
+            num_heads=num_heads,
+            n_points=n_points,
+            n_levels=3,
+            deform_ratio=deform_ratio,
+            norm_layer=norm_layer,
+            init_values=init_values,
+            with_cp=with_cp,
+        )
+        extractor = partial(
+            Extractor,
+            dim=dim,
+            num_heads=num_heads,
+            n_points=n_points,
+            n_levels=1,
+            deform_ratio=deform_ratio,
+            with_cffn=with_cffn,
+            cffn_ratio=cffn_ratio,
+            drop=drop,
+            drop_path=drop_path,
+            norm_layer=norm_layer,
+            with_cp=with_cp,
+        )
+        self.extractor = extractor()
+        self.extra_extractors = nn.Sequential(extractor(), extractor()) if extra_extractor else None
+
+    def forward(
+        self,
+        x: Tensor,
+        c: Tensor,
+        blocks: Sequence[nn.Module],
+        deform_inputs: tuple[Tensor, Shapes, Tensor, Shapes],
+        hw: tuple[int, int],
+        c_shapes: Shapes,
+        checkpoint_blocks: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        ref1, shapes1, ref2, shapes2 = deform_inputs
+        x = self.injector(x, c, ref1, shapes1)
+        for blk in blocks:
+            x = _checkpointed(partial(run_vit_block, blk, hw=hw), x, enabled=checkpoint_blocks)
+        c = self.extractor(c, x, ref2, shapes2, c_shapes)
+        if self.extra_extractors is not None:
+            for extractor in self.extra_extractors:
+                c = extractor(c, x, ref2, shapes2, c_shapes)
+        return x, c
+
+
+class ViTAdapter(nn.Module):
+    """A timm VisionTransformer with the ViT-Adapter around it; returns maps at strides 4, 8, 16 and 32.
+
+    Args:
+        vit: a timm ``VisionTransformer`` with 16x16 patches. Its blocks are run in ``interaction_indexes``
+            groups; its cls token, final norm and head are not used.
+        interaction_indexes: inclusive ``[first, last]`` block indices of each interaction group.
+        conv_inplane: spatial prior module width C (maps have C, 2C, 4C, 4C channels).
+        n_points, deform_num_heads, deform_ratio: MSDeformAttn sampling points, heads and value width ratio.
+        init_values: initial injector gamma.
+        with_cffn, cffn_ratio: ConvFFN in the extractors and its hidden ratio.
+        drop_path_rate: the (constant) DropPath rate of every extractor's FFN, as the official code does.
+        add_vit_feature: add the ViT token maps to the outputs.
+        vit_feature_mode: ``"per_interaction"`` (segmentation code: interaction i feeds map i) or ``"final"``
+            (detection code: the last tokens feed all four maps).
+        use_extra_extractor: two more extractors after the last interaction.
+        with_cp: activation checkpointing of the ViT blocks, injectors and extractors.
+        window_attn, window_size: per-block window attention switches and sizes (None: all global).
+        norm_layer: 2-D norm for the spatial prior module and the four output norms. BatchNorm2d by default;
+            convert to SyncBatchNorm only when training distributed.
+    """
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        *,
+        interaction_indexes: Sequence[Sequence[int]],
+        conv_inplane: int = 64,
+        n_points: int = 4,
+        deform_num_heads: int = 6,
+        init_values: float = 0.0,
+        with_cffn: bool = True,
+        cffn_ratio: float = 0.25,
+        deform_ratio: float = 1.0,
+        drop_path_rate: float = 0.0,
+        add_vit_feature: bool = True,
+        vit_feature_mode: Literal["per_interaction", "final"] = "per_interaction",
+        use_extra_extractor: bool = True,
+        with_cp: bool = False,
+        window_attn: Sequence[bool] | None = None,
+        window_size: Sequence[int | None] | int | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        patch = tuple(vit.patch_embed.proj.kernel_size)
+        if patch != (16, 16):
+            raise ValueError(
+                f"ViTAdapter needs a ViT with 16x16 patches (its token grid is the stride-16 map); got {patch}. "
+                "For a patch-14 model (DINOv2) resample the patch embedding to 16 first, e.g. "
+                "timm.create_model(name, patch_size=16, img_size=...) with weights loaded through "
+                "adapterctl.models.pretrained.load_vit_weights, which resamples the kernel."
+            )
+        if vit_feature_mode not in ("per_interaction", "final"):
+            raise ValueError(f"vit_feature_mode must be 'per_interaction' or 'final', got {vit_feature_mode!r}")
+        depth = len(vit.blocks)
+        groups = [list(map(int, idx)) for idx in interaction_indexes]
+        for idx in groups:
+            if not (0 <= idx[0] <= idx[-1] < depth):
+                raise ValueError(f"interaction index {idx} is outside the ViT's {depth} blocks")
+        if add_vit_feature and vit_feature_mode == "per_interaction" and len(groups) != 4:
+            raise ValueError(
+                "vit_feature_mode='per_interaction' adds interaction i's tokens to output map i and needs exactly "
+                f"4 interactions, got {len(groups)}; use vit_feature_mode='final' or add_vit_feature=False"
+            )
+        self.vit = vit
+        self.embed_dim = embed_dim = vit.embed_dim
+        self.interaction_indexes = groups
+        self.add_vit_feature = add_vit_feature
+        self.vit_feature_mode = vit_feature_mode
+        self.with_cp = with_cp
+        self.drop_path_rate = drop_path_rate
+        # the cls slot of pos_embed is kept (checkpoints carry it) but no cls token enters the forward
+        self.vit.cls_token = None
+        self._apply_window_attention(window_attn, window_size)
+
+        self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
+        self.spm = SpatialPriorModule(inplanes=conv_inplane, embed_dim=embed_dim, norm_layer=norm_layer)
+        self.interactions = nn.Sequential(
+            *[
+                InteractionBlock(
+                    dim=embed_dim,
+                    num_heads=deform_num_heads,
+                    n_points=n_points,
+                    init_values=init_values,
+                    drop_path=drop_path_rate,
+                    norm_layer=LayerNorm6,
+                    with_cffn=with_cffn,
+                    cffn_ratio=cffn_ratio,
+                    deform_ratio=deform_ratio,
+                    extra_extractor=use_extra_extractor and i == len(groups) - 1,
+                    with_cp=with_cp,
+                )
+                for i in range(len(groups))
+            ]
+        )
+        self.up = nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)
+        self.norm1 = norm_layer(embed_dim)
+        self.norm2 = norm_layer(embed_dim)
+        self.norm3 = norm_layer(embed_dim)
+        self.norm4 = norm_layer(embed_dim)
+        self.feature_info = [
+            {"num_chs": embed_dim, "reduction": stride, "module": f"norm{i + 1}"}
+            for i, stride in enumerate((4, 8, 16, 32))
+        ]
+        self.init_adapter_weights()
+
+    # ------------------------------------------------------------------ construction
+    def _apply_window_attention(
+        self, window_attn: Sequence[bool] | None, window_size: Sequence[int | None] | int | None
+    ) -> None:
+        depth = len(self.vit.blocks)
+        if window_attn is None:
+            return
+        if len(window_attn) != depth:
+            raise ValueError(f"window_attn has {len(window_attn)} entries for a ViT of depth {depth}")
+        sizes = [window_size] * depth if window_size is None or isinstance(window_size, int) else list(window_size)
+        if len(sizes) != depth:
+            raise ValueError(f"window_size has {len(sizes)} entries for a ViT of depth {depth}")
+        for blk, on, ws in zip(self.vit.blocks, window_attn, sizes, strict=True):
+            if on:
+                if not ws:
+                    raise ValueError("window_attn is on for a block but its window_size is not set")
+                blk.attn = WindowedAttention(blk.attn, int(ws))
+
+    def init_adapter_weights(self) -> None:
+        """The official initialisation of the adapter; the ViT part is left as it is."""
+
+        def _init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.LayerNorm | nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
+                if m.weight is not None:
+                    nn.init.constant_(m.weight, 1.0)
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    m.bias.data.zero_()
+
+        for module in (self.up, self.spm, self.interactions):
+            module.apply(_init)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    # ------------------------------------------------------------------ forward
+    def _pos_embed(self, hw: tuple[int, int]) -> Tensor:
+        """The pretraining pos-embed grid (cls slot dropped) resized bicubically to the token grid."""
+        pos = self.vit.pos_embed
+        n_prefix = 0 if getattr(self.vit, "no_embed_class", False) else self.vit.num_prefix_tokens
+        pos = pos[:, n_prefix:]
+        side = math.isqrt(pos.shape[1])
+        pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: (B, 3, h, w), h and w multiples of 32. Returns [f1, f2, f3, f4] at strides 4, 8, 16, 32."""
+        b, _, h, w = x.shape
+        if h % 32 or w % 32:
+            raise ValueError(
+                f"ViTAdapter input height and width must be multiples of 32, got {h}x{w} "
+                "(pad the image; the segmentor and detector do)"
+            )
+        hw = (h // 16, w // 16)
+        c_shapes = [(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)]
+        ref1 = reference_points([hw], x.device)
+        ref2 = reference_points(c_shapes, x.device)
+        deform_inputs = (ref1, c_shapes, ref2, [hw])
+
+        c1, c2, c3, c4 = self.spm(x)
+        c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], dim=1)
+
+        tokens = self.vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # B, HW, D
+        tokens = self.vit.patch_embed.norm(tokens)
+        tokens = self.vit.pos_drop(tokens + self._pos_embed(hw))
+
+        d = self.embed_dim
+        outs = []
+        for layer, (first, last) in zip(self.interactions, self.interaction_indexes, strict=True):
+            tokens, c = layer(
+                tokens,
+                c,
+                self.vit.blocks[first : last + 1],
+                deform_inputs,
+                hw,
+                c_shapes,
+                checkpoint_blocks=self.with_cp,
+            )
+            outs.append(tokens)
+
+        n2, n3 = c_shapes[0][0] * c_shapes[0][1], hw[0] * hw[1]
+        c2 = c[:, :n2].transpose(1, 2).reshape(b, d, *c_shapes[0])
+        c3 = c[:, n2 : n2 + n3].transpose(1, 2).reshape(b, d, *c_shapes[1])
+        c4 = c[:, n2 + n3 :].transpose(1, 2).reshape(b, d, *c_shapes[2])
+        c1 = self.up(c2) + c1
+
+        if self.add_vit_feature:
+            if self.vit_feature_mode == "per_interaction":
+                x1, x2, x3, x4 = (o.transpose(1, 2).reshape(b, d, *hw) for o in outs)
+            else:
+                x1 = x2 = x3 = x4 = outs[-1].transpose(1, 2).reshape(b, d, *hw)
+            c1 = c1 + F.interpolate(x1, scale_factor=4, mode="bilinear", align_corners=False)
+            c2 = c2 + F.interpolate(x2, scale_factor=2, mode="bilinear", align_corners=False)
+            c3 = c3 + x3
+            c4 = c4 + F.interpolate(x4, scale_factor=0.5, mode="bilinear", align_corners=False)
+
+        return [self.norm1(c1), self.norm2(c2), self.norm3(c3), self.norm4(c4)]
+
+    # ------------------------------------------------------------------ introspection
+    def vit_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if n.startswith("vit.")]
+
+    def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("vit.")]
