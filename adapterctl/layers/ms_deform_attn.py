@@ -45,11 +45,66 @@ def ms_deform_attn_core(
         sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         # N*M, D, Lq, P  x  N*M, 1, Lq, P  ->  N*M, D, Lq
         weights_l = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(n * m, 1, lq, n_points)
-        term = torch.einsum("bdqp,bxqp->bdq", sampled, weights_l)
+        # multiply-and-sum rather than einsum: einsum's backward becomes Lq-batched (1 x P) bmm, 10x slower
+        term = (sampled * weights_l).sum(-1)
         out = term if out is None else out + term
     assert out is not None, "spatial_shapes is empty"
     # N*M, D, Lq -> N, Lq, M*D
     return out.view(n, m, d, lq).permute(0, 3, 1, 2).reshape(n, lq, m * d)
+
+
+def ms_deform_attn_core_gather(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The same sampling as :func:`ms_deform_attn_core`, as one weighted gather-sum (``embedding_bag``).
+
+    Each query reads, per head, level and point, the 4 bilinear corners of its location; the corner weights
+    (bilinear x attention, zero outside the map: ``padding_mode="zeros"``) and row indices into the flattened
+    value feed one fused ``embedding_bag``. No per-level value copy and no (Lq, P, D) temporary: 1.5-3x faster
+    than ``grid_sample`` on CPU, with the same gradients.
+    """
+    n, len_in, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    device, dtype = value.device, sampling_locations.dtype
+    starts, start = [], 0
+    for h, w in spatial_shapes:
+        starts.append(start)
+        start += h * w
+    heights = torch.tensor([h for h, _ in spatial_shapes], device=device).view(n_levels, 1)
+    widths = torch.tensor([w for _, w in spatial_shapes], device=device).view(n_levels, 1)
+    level_start = torch.tensor(starts, device=device).view(n_levels, 1, 1)
+    # pixel coordinates with align_corners=False: loc * size - 0.5; shapes N, Lq, M, L, P
+    x = sampling_locations[..., 0] * widths.to(dtype) - 0.5
+    y = sampling_locations[..., 1] * heights.to(dtype) - 0.5
+    x0f, y0f = x.floor(), y.floor()
+    fx, fy = x - x0f, y - y0f
+    x0, y0 = x0f.long(), y0f.long()
+    # corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) on a last axis of 4
+    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)
+    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    gx, gy = 1 - fx, 1 - fy
+    corner_w = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], -1)
+    inside = (cx >= 0) & (cx < widths[..., None]) & (cy >= 0) & (cy < heights[..., None])
+    weights = corner_w * attention_weights[..., None] * inside
+    head = torch.arange(m, device=device).view(1, 1, m, 1, 1, 1)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1, 1, 1)
+    rows = (batch * m + head) * len_in + level_start + cy * widths[..., None] + cx
+    rows = torch.where(inside, rows, torch.zeros_like(rows))
+    value_rows = value.permute(0, 2, 1, 3).reshape(n * m * len_in, d)  # one row per (batch, head, position)
+    k = n_levels * n_points * 4
+    out = F.embedding_bag(
+        rows.reshape(n * lq * m, k),
+        value_rows,
+        mode="sum",
+        per_sample_weights=weights.reshape(n * lq * m, k).to(value_rows.dtype),
+    )
+    return out.view(n, lq, m * d)  # rows were (N, Lq, M): already in output order
+
+
+CORE_IMPLS = {"gather": ms_deform_attn_core_gather, "grid_sample": ms_deform_attn_core}
 
 
 class MSDeformAttn(nn.Module):
@@ -61,12 +116,24 @@ class MSDeformAttn(nn.Module):
         n_heads: attention heads; each owns a contiguous slice of the value channels.
         n_points: sampling points per head and level.
         ratio: value/output projection width as a fraction of ``d_model``.
+        impl: ``"auto"`` (default: ``"gather"`` without autograd, ``"grid_sample"`` with it), ``"gather"``
+            (one fused weighted gather: the fastest forward on CPU) or ``"grid_sample"`` (the reference form,
+            whose fused backward beats the gather's scatter-add backward). All compute the same function.
     """
 
     def __init__(
-        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        ratio: float = 1.0,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if impl not in (*CORE_IMPLS, "auto"):
+            raise ValueError(f"impl must be 'auto' or one of {sorted(CORE_IMPLS)}, got {impl!r}")
+        self.impl = impl
         if d_model % n_heads:
             raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
         value_dim = int(d_model * ratio)
@@ -131,5 +198,8 @@ class MSDeformAttn(nn.Module):
         # (W_l, H_l) per level, the normaliser of the offsets
         normalizer = query.new_tensor([[w, h] for h, w in spatial_shapes])
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)
+        impl = self.impl
+        if impl == "auto":
+            impl = "grid_sample" if torch.is_grad_enabled() else "gather"
+        out = CORE_IMPLS[impl](value, spatial_shapes, locations, weights)
         return self.output_proj(out)

@@ -58,14 +58,14 @@ def official_kwargs(config: Mapping[str, Any], variant: Literal["segmentation", 
     return kwargs
 
 
-def unwrap_official(checkpoint: Mapping[str, Any], prefix: str = "backbone.") -> dict[str, Tensor]:
-    """Strip ``state_dict``/``model``/``meta`` wrappers and, when present, the ``backbone.`` prefix."""
+def unwrap_official(checkpoint: Mapping[str, Any], prefix: str | None = "backbone.") -> dict[str, Tensor]:
+    """Strip ``state_dict``/``model``/``meta`` wrappers and, when present, ``prefix`` (keeping only its keys)."""
     sd: Mapping[str, Any] = checkpoint
     for key in ("state_dict", "model"):
         if key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if any(k.startswith(prefix) for k in sd):
+    if prefix and any(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
 

@@ -1,0 +1,96 @@
+"""``adapterctl bench``: ViT-Adapter against its plain timm ViT, measured in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+def _median_time(fn: Callable[[], None], runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _outputs(out: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return out if isinstance(out, list | tuple) else [out]
+
+
+def time_model(model: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype: str) -> tuple[float, float]:
+    """Median forward (eval, no grad) and forward+backward (train, loss = sum of output means) seconds."""
+    autocast = (
+        torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    )
+
+    def forward() -> None:
+        with torch.no_grad(), autocast:
+            model(x)
+
+    def forward_backward() -> None:
+        with autocast:
+            loss = sum(o.float().mean() for o in _outputs(model(x)))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.eval()
+    fwd = _median_time(forward, runs, warmup)
+    model.train()
+    fwd_bwd = _median_time(forward_backward, runs, warmup)
+    return fwd, fwd_bwd
+
+
+def run_bench(size: str = "t", input_size: int = 512, runs: int = 5, warmup: int = 2, threads: int = 0,
+              dtype: str = "float32") -> dict[str, float]:
+    """Print and return forward / forward+backward times, their ratio to the plain ViT, and GFLOP/s."""
+    from rich.console import Console
+    from rich.table import Table
+    from timm.models.vision_transformer import VisionTransformer
+
+    from adapterctl.models.summary import count_gflops
+    from adapterctl.models.zoo import ENTRY_POINTS, variant_kwargs
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    adapter = ENTRY_POINTS[f"vit_adapter_{size}"]()
+    kw = variant_kwargs(size)
+    plain = VisionTransformer(
+        img_size=input_size, patch_size=16, embed_dim=kw["embed_dim"], depth=kw["depth"],
+        num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"], qkv_bias=True, num_classes=0, global_pool="",
+        drop_path_rate=kw["drop_path_rate"], init_values=1.0,
+    )
+    plain.forward = plain.forward_features  # tokens out, like a dense-prediction trunk
+    x = torch.randn(1, 3, input_size, input_size)
+    results: dict[str, float] = {}
+    rows = []
+    for name, model in (("timm ViT", plain), (f"ViT-Adapter-{size.upper()}", adapter)):
+        gflops = count_gflops(model, input_size)
+        fwd, fwd_bwd = time_model(model, x, runs, warmup, dtype)
+        rows.append((name, gflops, fwd, fwd_bwd))
+    (pn, pg, pf, pfb), (an, ag, af, afb) = rows
+    results = {
+        "plain_forward_s": pf, "plain_forward_backward_s": pfb, "adapter_forward_s": af,
+        "adapter_forward_backward_s": afb, "forward_ratio": af / pf, "forward_backward_ratio": afb / pfb,
+        "adapter_gflops": ag, "plain_gflops": pg,
+    }
+    table = Table(title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, "
+                        f"median of {runs}")
+    for col in ("model", "GFLOPs (fwd)", "forward s", "fwd+bwd s", "fwd GFLOP/s", "fwd+bwd GFLOP/s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, g, f, fb in rows:
+        table.add_row(name, f"{g:.1f}", f"{f:.3f}", f"{fb:.3f}", f"{g / f:.0f}", f"{3 * g / fb:.0f}")
+    table.add_row("ratio adapter / plain", f"{ag / pg:.2f}", f"{af / pf:.2f}", f"{afb / pfb:.2f}", "", "")
+    console = Console(width=max(Console().width, 110))
+    console.print(table)
+    console.print("fwd+bwd GFLOP/s counts backward as 2x forward; grid_sample FLOPs are not counted.")
+    return results

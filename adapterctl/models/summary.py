@@ -1,0 +1,56 @@
+"""Parameter and FLOP summaries of the model entry points (``adapterctl models``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    total: int
+    vit: int
+    adapter: int
+    gflops: float | None = None
+
+
+def _cpu_sdpa_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    # the counter hands over shapes, not tensors
+    return sdpa_flop_count(query, key, value)
+
+
+def count_gflops(model: nn.Module, input_size: int) -> float:
+    """Forward GFLOPs (2 x multiply-adds) by torch.utils.flop_counter; grid_sample is not counted.
+
+    torch's counter has no entry for the CPU flash-attention kernel; we count it with the SDPA formula so that
+    attention is counted on every device.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        custom[cpu_sdpa] = _cpu_sdpa_flops
+    model.eval()
+    x = torch.zeros(1, 3, input_size, input_size)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def summarize(name: str, model: nn.Module, flops_size: int | None = None) -> ModelSummary:
+    vit = sum(p.numel() for n, p in model.named_parameters() if n.startswith("vit."))
+    total = sum(p.numel() for p in model.parameters())
+    gflops = count_gflops(model, flops_size) if flops_size else None
+    return ModelSummary(name, total, vit, total - vit, gflops)
+
+
+def summarize_entry_points(flops_size: int | None = 512) -> list[ModelSummary]:
+    from adapterctl.models.zoo import ENTRY_POINTS
+
+    return [summarize(name, fn(), flops_size) for name, fn in ENTRY_POINTS.items()]
