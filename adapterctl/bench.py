@@ -29,7 +29,9 @@ def _outputs(out: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
 def time_model(model: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype: str) -> tuple[float, float]:
     """Median forward (eval, no grad) and forward+backward (train, loss = sum of output means) seconds."""
     autocast = (
-        torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+        torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
+        if dtype == "bfloat16"
+        else nullcontext()
     )
 
     def forward() -> None:
@@ -49,8 +51,14 @@ def time_model(model: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype:
     return fwd, fwd_bwd
 
 
-def run_bench(size: str = "t", input_size: int = 512, runs: int = 5, warmup: int = 2, threads: int = 0,
-              dtype: str = "float32") -> dict[str, float]:
+def run_bench(
+    size: str = "t",
+    input_size: int = 512,
+    runs: int = 5,
+    warmup: int = 2,
+    threads: int = 0,
+    dtype: str = "float32",
+) -> dict[str, float]:
     """Print and return forward / forward+backward times, their ratio to the plain ViT, and GFLOP/s."""
     from rich.console import Console
     from rich.table import Table
@@ -65,9 +73,17 @@ def run_bench(size: str = "t", input_size: int = 512, runs: int = 5, warmup: int
     adapter = ENTRY_POINTS[f"vit_adapter_{size}"]()
     kw = variant_kwargs(size)
     plain = VisionTransformer(
-        img_size=input_size, patch_size=16, embed_dim=kw["embed_dim"], depth=kw["depth"],
-        num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"], qkv_bias=True, num_classes=0, global_pool="",
-        drop_path_rate=kw["drop_path_rate"], init_values=1.0,
+        img_size=input_size,
+        patch_size=16,
+        embed_dim=kw["embed_dim"],
+        depth=kw["depth"],
+        num_heads=kw["num_heads"],
+        mlp_ratio=kw["mlp_ratio"],
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="",
+        drop_path_rate=kw["drop_path_rate"],
+        init_values=1.0,
     )
     plain.forward = plain.forward_features  # tokens out, like a dense-prediction trunk
     x = torch.randn(1, 3, input_size, input_size)
@@ -79,12 +95,19 @@ def run_bench(size: str = "t", input_size: int = 512, runs: int = 5, warmup: int
         rows.append((name, gflops, fwd, fwd_bwd))
     (pn, pg, pf, pfb), (an, ag, af, afb) = rows
     results = {
-        "plain_forward_s": pf, "plain_forward_backward_s": pfb, "adapter_forward_s": af,
-        "adapter_forward_backward_s": afb, "forward_ratio": af / pf, "forward_backward_ratio": afb / pfb,
-        "adapter_gflops": ag, "plain_gflops": pg,
+        "plain_forward_s": pf,
+        "plain_forward_backward_s": pfb,
+        "adapter_forward_s": af,
+        "adapter_forward_backward_s": afb,
+        "forward_ratio": af / pf,
+        "forward_backward_ratio": afb / pfb,
+        "adapter_gflops": ag,
+        "plain_gflops": pg,
     }
-    table = Table(title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, "
-                        f"median of {runs}")
+    table = Table(
+        title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, "
+        f"median of {runs}"
+    )
     for col in ("model", "GFLOPs (fwd)", "forward s", "fwd+bwd s", "fwd GFLOP/s", "fwd+bwd GFLOP/s"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, g, f, fb in rows:

@@ -39,7 +39,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 @app.command()
 def config(
     overrides: Overrides = None,
-    name: Annotated[str, typer.Option("--config", "-c", help="Root config: train, eval or export.")] = "train",
+    name: Annotated[
+        str, typer.Option("--config", "-c", help="Root config: train, eval or export.")
+    ] = "train",
 ) -> None:
     """Print the composed, resolved YAML of a config (train by default) with the given overrides."""
     from adapterctl.config import ConfigError, compose, to_yaml
@@ -53,7 +55,9 @@ def config(
 
 @app.command()
 def models(
-    flops: Annotated[bool, typer.Option(help="Count GFLOPs at --size (slower: runs one forward each).")] = True,
+    flops: Annotated[
+        bool, typer.Option(help="Count GFLOPs at --size (slower: runs one forward each).")
+    ] = True,
     size: Annotated[int, typer.Option(help="Square input size for the GFLOP count.")] = 512,
 ) -> None:
     """List the model entry points with their total, ViT and adapter parameters and GFLOPs."""
@@ -74,17 +78,23 @@ def models(
         table.add_row(*cells)
     Console().print(table)
     if flops:
-        Console().print("GFLOPs: forward multiply-adds x2 by torch.utils.flop_counter; grid_sample is not counted.")
+        Console().print(
+            "GFLOPs: forward multiply-adds x2 by torch.utils.flop_counter; grid_sample is not counted."
+        )
 
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Official ViT-Adapter checkpoint (.pth / .pth.tar).", show_default=False)],
+    src: Annotated[
+        Path, typer.Argument(help="Official ViT-Adapter checkpoint (.pth / .pth.tar).", show_default=False)
+    ],
     dst: Annotated[Path, typer.Argument(help="Output file (.safetensors).", show_default=False)],
     model: Annotated[
         str, typer.Option(help="Model config (conf/model) the checkpoint was trained with.")
     ] = "vit_adapter_t",
-    variant: Annotated[str, typer.Option(help="segmentation or detection (which official copy).")] = "segmentation",
+    variant: Annotated[
+        str, typer.Option(help="segmentation or detection (which official copy).")
+    ] = "segmentation",
     overrides: Overrides = None,
 ) -> None:
     """Convert an official ViT-Adapter checkpoint into an adapterctl safetensors file.

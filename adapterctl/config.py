@@ -71,7 +71,7 @@ def _explain_bad_key(config_name: str, overrides: Sequence[str], bad: str, exc: 
         where = ".".join(parts[:i]) or "the root config"
         if not isinstance(node, DictConfig):
             return ConfigError(f"Key '{bad}' does not exist: '{where}' is a value, not a section.")
-        keys = sorted(str(k) for k in node.keys())
+        keys = sorted(str(k) for k in node)
         groups = config_groups()
         extra = ""
         if i == 0:
@@ -134,7 +134,10 @@ def compose(config_name: str = "train", overrides: Sequence[str] = (), run_dir: 
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as exc:  # omegaconf raises MissingMandatoryValue / InterpolationResolutionError
         key = getattr(exc, "full_key", None) or ""
-        raise ConfigError(f"Config value '{key}' must be set (it is '???' or unresolvable): {exc}") from None
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"Config value '{key}' must be set (it is '???' or unresolvable): {reason}."
+        ) from None
     return cfg
 
 

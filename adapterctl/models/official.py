@@ -18,14 +18,42 @@ from adapterctl.models.zoo import build_vit_adapter
 
 # official ViTAdapter kwargs that build_vit_adapter takes under the same name
 _SAME_NAME = (
-    "img_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_path_rate", "layer_scale",
-    "window_attn", "window_size", "conv_inplane", "n_points", "deform_num_heads", "init_values",
-    "interaction_indexes", "with_cffn", "cffn_ratio", "deform_ratio", "add_vit_feature", "use_extra_extractor",
+    "img_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "drop_path_rate",
+    "layer_scale",
+    "window_attn",
+    "window_size",
+    "conv_inplane",
+    "n_points",
+    "deform_num_heads",
+    "init_values",
+    "interaction_indexes",
+    "with_cffn",
+    "cffn_ratio",
+    "deform_ratio",
+    "add_vit_feature",
+    "use_extra_extractor",
     "with_cp",
 )
 # official kwargs with no effect on the network we build (or checked below)
-_IGNORED = ("pretrained", "drop_rate", "attn_drop_rate", "in_chans", "patch_size", "pretrain_size", "norm_layer",
-            "type", "use_cls", "freeze_vit", "pad_mode")
+_IGNORED = (
+    "pretrained",
+    "drop_rate",
+    "attn_drop_rate",
+    "in_chans",
+    "patch_size",
+    "pretrain_size",
+    "norm_layer",
+    "type",
+    "use_cls",
+    "freeze_vit",
+    "pad_mode",
+)
 _VIT_PREFIXES = ("pos_embed", "cls_token", "patch_embed.", "blocks.")
 _GAMMA = re.compile(r"^blocks\.(\d+)\.gamma([12])$")
 
@@ -39,13 +67,17 @@ class Conversion:
     """Official keys with no place in the model (reported, never silently dropped)."""
 
 
-def official_kwargs(config: Mapping[str, Any], variant: Literal["segmentation", "detection"]) -> dict[str, Any]:
+def official_kwargs(
+    config: Mapping[str, Any], variant: Literal["segmentation", "detection"]
+) -> dict[str, Any]:
     """Translate official ``ViTAdapter(**config)`` arguments into :func:`build_vit_adapter` arguments."""
     unknown = sorted(set(config) - set(_SAME_NAME) - set(_IGNORED))
     if unknown:
         raise ValueError(f"unknown official ViTAdapter arguments: {unknown}")
     if config.get("patch_size", 16) != 16:
-        raise ValueError(f"official ViT-Adapter hard-codes 16x16 patches; config has patch_size={config['patch_size']}")
+        raise ValueError(
+            f"official ViT-Adapter hard-codes 16x16 patches; config has patch_size={config['patch_size']}"
+        )
     img, pretrain = config.get("img_size", 224), config.get("pretrain_size", config.get("img_size", 224))
     if img != pretrain:
         raise ValueError(f"official ViT-Adapter needs img_size == pretrain_size, got {img} and {pretrain}")
@@ -64,9 +96,9 @@ def unwrap_official(checkpoint: Mapping[str, Any], prefix: str | None = "backbon
     for key in ("state_dict", "model"):
         if key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     if prefix and any(k.startswith(prefix) for k in sd):
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
 
 
@@ -122,7 +154,16 @@ def from_official(
 
 def load_checkpoint_file(path: str) -> dict[str, Any]:
     """Read a checkpoint safely (tensors and plain containers only; mmcv ``meta`` blocks are fine)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: holds objects other than tensors and plain containers, which adapterctl does not unpickle "
+            f"(weights_only). Re-save its state_dict alone: {str(exc).splitlines()[-1]}"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj

@@ -93,8 +93,11 @@ def load_vit_weights(vit: nn.Module, path: str | Path, strict: bool = False) -> 
     sd = checkpoint_filter_fn(sd, vit)
     target = vit.state_dict()
     usable = {k: v for k, v in sd.items() if k in target and target[k].shape == v.shape}
-    wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items()
-                   if k in target and target[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and target[k].shape != v.shape
+    ]
     if wrong_shape:
         raise ValueError(f"{path}: tensors whose shape does not fit the model: {wrong_shape}")
     missing = sorted(set(target) - set(usable))

@@ -155,7 +155,9 @@ class Injector(nn.Module):
         self.with_cp = with_cp
         self.query_norm = norm_layer(dim)
         self.feat_norm = norm_layer(dim)
-        self.attn = MSDeformAttn(d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points, ratio=deform_ratio)
+        self.attn = MSDeformAttn(
+            d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points, ratio=deform_ratio
+        )
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
 
     def forward(self, x: Tensor, c: Tensor, ref: Tensor, shapes: Shapes) -> Tensor:
@@ -186,7 +188,9 @@ class Extractor(nn.Module):
         self.with_cp = with_cp
         self.query_norm = norm_layer(dim)
         self.feat_norm = norm_layer(dim)
-        self.attn = MSDeformAttn(d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points, ratio=deform_ratio)
+        self.attn = MSDeformAttn(
+            d_model=dim, n_levels=n_levels, n_heads=num_heads, n_points=n_points, ratio=deform_ratio
+        )
         self.with_cffn = with_cffn
         if with_cffn:
             self.ffn = ConvFFN(dim, int(dim * cffn_ratio), drop=drop)
@@ -331,7 +335,9 @@ class ViTAdapter(nn.Module):
                 "adapterctl.models.pretrained.load_vit_weights, which resamples the kernel."
             )
         if vit_feature_mode not in ("per_interaction", "final"):
-            raise ValueError(f"vit_feature_mode must be 'per_interaction' or 'final', got {vit_feature_mode!r}")
+            raise ValueError(
+                f"vit_feature_mode must be 'per_interaction' or 'final', got {vit_feature_mode!r}"
+            )
         depth = len(vit.blocks)
         groups = [list(map(int, idx)) for idx in interaction_indexes]
         for idx in groups:
@@ -393,7 +399,11 @@ class ViTAdapter(nn.Module):
             return
         if len(window_attn) != depth:
             raise ValueError(f"window_attn has {len(window_attn)} entries for a ViT of depth {depth}")
-        sizes = [window_size] * depth if window_size is None or isinstance(window_size, int) else list(window_size)
+        sizes = (
+            [window_size] * depth
+            if window_size is None or isinstance(window_size, int)
+            else list(window_size)
+        )
         if len(sizes) != depth:
             raise ValueError(f"window_size has {len(sizes)} entries for a ViT of depth {depth}")
         for blk, on, ws in zip(self.vit.blocks, window_attn, sizes, strict=True):
@@ -489,7 +499,12 @@ class ViTAdapter(nn.Module):
             c3 = c3 + x3
             c4 = c4 + F.interpolate(x4, scale_factor=0.5, mode="bilinear", align_corners=False)
 
-        return [norm(f).contiguous() for norm, f in zip((self.norm1, self.norm2, self.norm3, self.norm4), (c1, c2, c3, c4), strict=True)]
+        return [
+            norm(f).contiguous()
+            for norm, f in zip(
+                (self.norm1, self.norm2, self.norm3, self.norm4), (c1, c2, c3, c4), strict=True
+            )
+        ]
 
     # ------------------------------------------------------------------ introspection
     def vit_parameters(self) -> list[tuple[str, nn.Parameter]]:

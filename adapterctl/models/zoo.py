@@ -20,19 +20,39 @@ Task = Literal["segmentation", "detection"]
 # Official constructor arguments per size; ``window_*`` for detection come from _detection_windows.
 VARIANTS: dict[str, dict[str, Any]] = {
     "t": dict(
-        embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.1,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        deform_num_heads=6,
+        deform_ratio=1.0,
+        drop_path_rate=0.1,
         interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
     ),
     "s": dict(
-        embed_dim=384, depth=12, num_heads=6, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.2,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        deform_num_heads=6,
+        deform_ratio=1.0,
+        drop_path_rate=0.2,
         interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
     ),
     "b": dict(
-        embed_dim=768, depth=12, num_heads=12, deform_num_heads=12, deform_ratio=0.5, drop_path_rate=0.3,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        deform_num_heads=12,
+        deform_ratio=0.5,
+        drop_path_rate=0.3,
         interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
     ),
     "l": dict(
-        embed_dim=1024, depth=24, num_heads=16, deform_num_heads=16, deform_ratio=0.5, drop_path_rate=0.4,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        deform_num_heads=16,
+        deform_ratio=0.5,
+        drop_path_rate=0.4,
         interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
     ),
 }

@@ -1,0 +1,245 @@
+"""The backbone against the official implementation's numbers, and its contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapterctl.layers.attention import WindowedAttention
+from adapterctl.models.official import from_official
+from adapterctl.models.vit_adapter import ViTAdapter
+from adapterctl.models.zoo import ENTRY_POINTS, build_vit_adapter, variant_kwargs
+
+
+@pytest.mark.parametrize(
+    ("variant", "inp", "out"),
+    [
+        ("segmentation", "input", "outputs"),
+        ("segmentation", "input_nonsquare", "outputs_nonsquare"),
+        ("detection", "input", "outputs_detection_variant"),
+    ],
+)
+def test_matches_official_fixture(official_tiny, variant, inp, out):
+    model = from_official(official_tiny["config"], official_tiny["state_dict"], variant=variant).eval()
+    with torch.no_grad():
+        ours = model(official_tiny[inp])
+    assert len(ours) == 4
+    for got, want in zip(ours, official_tiny[out], strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fixture_also_matches_with_grad_enabled(official_tiny):
+    """Training-time code paths (grid_sample sampling, NCHW stem) compute the same function."""
+    model = from_official(official_tiny["config"], official_tiny["state_dict"]).eval()
+    ours = model(official_tiny["input_nonsquare"])
+    for got, want in zip(ours, official_tiny["outputs_nonsquare"], strict=True):
+        torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_official_wrapped_checkpoint_loads(official_tiny):
+    """A full mmseg checkpoint: state_dict/meta wrappers, backbone. prefix and head keys."""
+    sd = {f"backbone.{k}": v for k, v in official_tiny["state_dict"].items()}
+    sd["decode_head.conv_seg.weight"] = torch.zeros(3, 4, 1, 1)
+    ckpt = {"meta": {"CLASSES": ("a", "b")}, "state_dict": sd}
+    model = from_official(official_tiny["config"], ckpt).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(official_tiny["input"])[2], official_tiny["outputs"][2], atol=1e-4, rtol=1e-4
+        )
+
+
+def test_official_state_dict_with_missing_key_is_an_error(official_tiny):
+    sd = dict(official_tiny["state_dict"])
+    sd.pop("level_embed")
+    with pytest.raises(KeyError, match="level_embed"):
+        from_official(official_tiny["config"], sd)
+
+
+def test_official_keys_of_real_t_map_onto_ours():
+    """All 410 keys of the real ViT-Adapter-T checkpoint have a place, with the same shapes."""
+    from pathlib import Path
+
+    from adapterctl.models.official import convert_official_backbone
+
+    lines = (Path(__file__).parent / "fixtures" / "official_vit_adapter_t_keys.txt").read_text().splitlines()
+    shapes = {}
+    for line in lines:
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = line.split("\t")[:2]
+        shapes[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    assert len(shapes) == 410
+    with torch.device("meta"):
+        model = ENTRY_POINTS["vit_adapter_t"]()
+    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    conv = convert_official_backbone(fake, model)
+    assert conv.unconverted == []
+    assert set(conv.state_dict) == set(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("name", "adapter", "vit"),
+    [
+        ("vit_adapter_t", 2_438_192, 5_528_448),
+        ("vit_adapter_s", 5_830_160, 21_673_728),
+        ("vit_adapter_b", 13_680_608, 85_814_784),
+        ("vit_adapter_l", 23_236_800, 303_347_712),
+    ],
+)
+def test_parameter_counts_equal_official_code(name, adapter, vit):
+    with torch.device("meta"):
+        model = ENTRY_POINTS[name]()
+    assert sum(p.numel() for _, p in model.adapter_parameters()) == adapter
+    assert sum(p.numel() for _, p in model.vit_parameters()) == vit
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_detection_and_segmentation_share_keys(task):
+    with torch.device("meta"):
+        model = ENTRY_POINTS["vit_adapter_t"](task=task)
+    assert len(model.state_dict()) == 410 + 0  # layer scales renamed, same count
+    windowed = [isinstance(b.attn, WindowedAttention) for b in model.vit.blocks]
+    if task == "detection":
+        assert windowed == [True, True, False] * 4
+        assert model.vit_feature_mode == "final"
+    else:
+        assert not any(windowed)
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (64, 96), (128, 64)])
+def test_output_shapes_and_feature_info(tiny_kwargs, h, w):
+    model = build_vit_adapter(**tiny_kwargs).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, h, w))
+    assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
+    for out, info in zip(outs, model.feature_info, strict=True):
+        assert out.shape == (2, info["num_chs"], h // info["reduction"], w // info["reduction"])
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("h", "w"), [(48, 64), (64, 80), (100, 64)])
+def test_size_not_multiple_of_32_is_a_clear_error(tiny_kwargs, h, w):
+    model = build_vit_adapter(**tiny_kwargs)
+    with pytest.raises(ValueError, match=f"multiples of 32, got {h}x{w}"):
+        model(torch.randn(1, 3, h, w))
+
+
+@pytest.mark.parametrize("with_cp", [False, True])
+def test_every_parameter_gets_a_gradient(tiny_kwargs, with_cp):
+    torch.manual_seed(0)
+    model = build_vit_adapter(**tiny_kwargs, with_cp=with_cp).train()
+    loss = sum(o.square().mean() for o in model(torch.randn(2, 3, 64, 64)))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+    # at the official init the zero offset/attention weights and gamma = 0 leave some gradients at exactly 0;
+    # once those paths are open every parameter must receive a non-zero gradient
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.zero_grad()
+    sum(o.square().mean() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert zero == []
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_kwargs):
+    grads = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        kwargs = {**tiny_kwargs, "drop_path_rate": 0.0}
+        model = build_vit_adapter(**kwargs, init_values=0.1, with_cp=with_cp).train()
+        torch.manual_seed(1)
+        sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _official_windowed_attention(attn: WindowedAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The official unfold/fold formulation, written out independently."""
+    b, n, c = x.shape
+    ws = attn.window_size
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+    qkv = attn.qkv(x).transpose(1, 2).reshape(b, 3 * c, h, w)
+    qkv = F.pad(qkv, [0, wp - w, 0, hp - h], mode="constant")
+    qkv = F.unfold(qkv, kernel_size=(ws, ws), stride=(ws, ws))
+    n_win = qkv.shape[-1]
+    qkv = qkv.reshape(b, 3 * c, ws * ws, n_win).permute(0, 3, 2, 1)
+    qkv = qkv.reshape(b, n_win, ws * ws, 3, attn.num_heads, c // attn.num_heads).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv.unbind(0)
+    a = ((q @ k.transpose(-2, -1)) * (c // attn.num_heads) ** -0.5).softmax(-1)
+    out = (a @ v).permute(0, 2, 4, 3, 1).reshape(b, c * ws * ws, n_win)
+    out = F.fold(out, output_size=(hp, wp), kernel_size=(ws, ws), stride=(ws, ws))
+    out = out[:, :, :h, :w].reshape(b, c, n).transpose(-1, -2)
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize(("h", "w", "ws"), [(6, 4, 3), (7, 5, 4), (8, 8, 4)])
+def test_window_attention_matches_official_unpadded_masking(h, w, ws):
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    attn = WindowedAttention(Attention(32, num_heads=4, qkv_bias=True), window_size=ws).eval()
+    x = torch.randn(2, h * w, 32)
+    torch.testing.assert_close(
+        attn(x, (h, w)), _official_windowed_attention(attn, x, h, w), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_variants_keep_released_hyperparameters():
+    l_kwargs = variant_kwargs("l", "detection")
+    assert l_kwargs["interaction_indexes"] == [[0, 5], [6, 11], [12, 17], [18, 23]]
+    assert [i for i, on in enumerate(l_kwargs["window_attn"]) if not on] == [5, 11, 17, 23]
+    assert variant_kwargs("b")["deform_ratio"] == 0.5 and variant_kwargs("b")["deform_num_heads"] == 12
+
+
+def test_wraps_any_timm_vit_and_rejects_other_patch_sizes(tiny_kwargs):
+    import timm
+
+    model = build_vit_adapter(
+        vit="vit_small_patch16_224",
+        img_size=64,
+        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
+        conv_inplane=8,
+    )
+    assert model.embed_dim == 384
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64))[0].shape == (1, 384, 16, 16)
+    with pytest.raises(ValueError, match="16x16 patches"):
+        ViTAdapter(
+            timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28),
+            interaction_indexes=[[0, 11]],
+            vit_feature_mode="final",
+        )
+
+
+def test_per_interaction_mode_needs_four_interactions(tiny_kwargs):
+    kwargs = {**tiny_kwargs, "interaction_indexes": [[0, 3]]}
+    with pytest.raises(ValueError, match="exactly 4 interactions"):
+        build_vit_adapter(**kwargs)
+    model = build_vit_adapter(**kwargs, vit_feature_mode="final").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64))[3].shape == (1, 64, 2, 2)
+
+
+def test_gflops_count_matches_official_at_512():
+    """The official code's ViT-Adapter-T measures 41 GFLOPs forward at 512 with torch.utils.flop_counter."""
+    from adapterctl.models.summary import count_gflops
+
+    assert 40.5 < count_gflops(ENTRY_POINTS["vit_adapter_t"](), 512) < 42.0
+
+
+def test_bench_prints_both_models_and_ratio():
+    from typer.testing import CliRunner
+
+    from adapterctl.cli import app
+
+    result = CliRunner().invoke(
+        app, ["bench", "--size", "t", "--input", "64", "--runs", "1", "--warmup", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    for needle in ("timm ViT", "ViT-Adapter-T", "ratio"):
+        assert needle in result.output
