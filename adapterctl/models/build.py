@@ -1,0 +1,56 @@
+"""Build a whole model from a composed config: backbone from ``model``, heads from ``head``, test mode from
+``data.test``. Head input channels come from the backbone's ``feature_info``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from adapterctl.models.zoo import _resolve_norm
+
+
+def build_backbone(model_cfg: DictConfig | dict) -> nn.Module:
+    from hydra.utils import instantiate
+
+    return instantiate(model_cfg, _convert_="all")
+
+
+def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
+    """An :class:`EncoderDecoder` (UperNet decode head + optional FCN auxiliary head) for ``cfg``."""
+    from adapterctl.models.heads import FCNHead, UPerHead
+    from adapterctl.models.segmentor import EncoderDecoder
+
+    backbone = backbone if backbone is not None else build_backbone(cfg.model)
+    channels = [f["num_chs"] for f in backbone.feature_info]
+    head = cfg.head
+    norm = _resolve_norm(head.get("norm_layer", "batchnorm"))
+    dec: dict[str, Any] = OmegaConf.to_container(head.decode, resolve=True)
+    if dec.pop("name") != "upernet":
+        raise ValueError(f"head.decode.name: only 'upernet' is available, got {head.decode.name!r}")
+    loss_weight = dec.pop("loss_weight", 1.0)
+    decode = UPerHead(in_channels=[channels[i] for i in dec["in_index"]], num_classes=head.num_classes,
+                      norm_layer=norm, **dec)
+    aux_head, aux_weight = None, 0.0
+    if head.get("auxiliary") is not None:
+        aux: dict[str, Any] = OmegaConf.to_container(head.auxiliary, resolve=True)
+        if aux.pop("name") != "fcn":
+            raise ValueError(f"head.auxiliary.name: only 'fcn' is available, got {head.auxiliary.name!r}")
+        aux_weight = aux.pop("loss_weight", 0.4)
+        aux_head = FCNHead(in_channels=channels[aux["in_index"]], num_classes=head.num_classes, norm_layer=norm,
+                           **aux)
+    test = cfg.data.test
+    return EncoderDecoder(
+        backbone, decode, aux_head,
+        mean=list(cfg.data.mean), std=list(cfg.data.std), ignore_index=head.ignore_index,
+        decode_loss_weight=loss_weight, aux_loss_weight=aux_weight, test_mode=test.mode,
+        crop_size=list(test.crop_size), stride=list(test.stride), aug_ratios=list(test.aug_ratios),
+        aug_flip=bool(test.aug_flip), aug_mode=test.get("aug_mode", "whole"),
+    )
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    if cfg.task == "segmentation":
+        return build_segmentor(cfg)
+    raise ValueError(f"task {cfg.task!r} is not available yet; choose 'segmentation'")

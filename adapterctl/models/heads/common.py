@@ -1,0 +1,61 @@
+"""Building blocks shared by the decode heads (mmseg naming, so official checkpoints load 1:1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class ConvBNReLU(nn.Module):
+    """conv (no bias) -> norm -> ReLU, with submodules ``conv`` and ``bn`` as mmcv's ConvModule names them."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, dilation: int = 1,
+                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__()
+        pad = dilation * (kernel_size // 2)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=pad, dilation=dilation, bias=False)
+        self.bn = norm_layer(cout)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def resize(x: Tensor, size: tuple[int, int] | list[int], align_corners: bool = False) -> Tensor:
+    """Bilinear resize, no antialiasing (mmseg's ``resize``)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def init_head_weights(head: nn.Module) -> None:
+    """mmcv 1.4.2 semantics: convs kaiming-normal (fan_out, relu), norms 1/0, ``conv_seg`` N(0, 0.01)."""
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(head.conv_seg.weight, 0.0, 0.01)
+    nn.init.zeros_(head.conv_seg.bias)
+
+
+def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, loss_weight: float = 1.0,
+                      align_corners: bool = False) -> Tensor:
+    """mmseg 0.20 cross-entropy: logits resized to the labels, summed CE divided by **all** pixels.
+
+    Ignored pixels add 0 to the sum but count in the denominator (mmseg 0.20.2 has no ``avg_non_ignore``).
+    """
+    up = resize(logits.float(), labels.shape[-2:], align_corners)
+    ce = F.cross_entropy(up, labels, ignore_index=ignore_index, reduction="none")
+    return loss_weight * ce.sum() / labels.numel()
+
+
+def seg_accuracy(logits: Tensor, labels: Tensor, align_corners: bool = False) -> Tensor:
+    """mmseg's ``acc_seg``: percent of all pixels (ignored ones count as wrong) predicted right."""
+    up = resize(logits.float(), labels.shape[-2:], align_corners)
+    return 100.0 * (up.argmax(1) == labels).sum() / labels.numel()
