@@ -8,10 +8,19 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install test test-all lint bench
+GPUS ?= 8
+NNODES ?= 1
+TORCHRUN := $(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(GPUS)
+DEMO_DATA ?= datasets/synthetic_seg
+ADE20K_ROWS := ade20k_upernet_vit_adapter_t ade20k_upernet_vit_adapter_s ade20k_upernet_vit_adapter_b \
+	ade20k_upernet_vit_adapter_t_augreg ade20k_upernet_vit_adapter_b_augreg ade20k_upernet_vit_adapter_l_augreg
+
+.PHONY: help install test test-all lint bench demo experiments $(ADE20K_ROWS)
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+	@echo "  Paper rows (real data, GPUS=$(GPUS) per node, NNODES=$(NNODES), extra overrides in ARGS=...):"
+	@for r in $(ADE20K_ROWS); do echo "    make $$r"; done
 
 install: $(STAMP) ## Create .venv (when missing) and install adapterctl with its dev and export extras
 
@@ -28,6 +37,16 @@ test-all: install ## Every test, the slow ones (distributed runs, training to a 
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check adapterctl tests
+
+demo: install ## Synthesise data, train ViT-Adapter-T + UperNet on CPU for a few minutes, print the mIoU table
+	@test -d $(DEMO_DATA)/images || $(VENV)/bin/adapterctl data synth --task seg --out $(DEMO_DATA)
+	$(VENV)/bin/adapterctl train experiment=synthetic_upernet_vit_adapter_t_demo data.root=$(DEMO_DATA)
+
+experiments: install ## List the reproduction experiments with their hyperparameters and the paper's results
+	$(VENV)/bin/adapterctl experiments
+
+$(ADE20K_ROWS): install ## ADE20K UperNet rows of the paper (real ADE20K, $$GPUS GPUs per node via torchrun)
+	$(TORCHRUN) -m adapterctl train experiment=$@ $(ARGS)
 
 bench: install ## ViT-Adapter-T vs plain ViT-T at 512x512 (forward, forward+backward, ratio, GFLOP/s)
 	$(VENV)/bin/adapterctl bench --size t --input 512

@@ -28,11 +28,7 @@ def _outputs(out: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
 
 def time_model(model: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype: str) -> tuple[float, float]:
     """Median forward (eval, no grad) and forward+backward (train, loss = sum of output means) seconds."""
-    autocast = (
-        torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
-        if dtype == "bfloat16"
-        else nullcontext()
-    )
+    autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
     def forward() -> None:
         with torch.no_grad(), autocast:
@@ -105,8 +101,7 @@ def run_bench(
         "plain_gflops": pg,
     }
     table = Table(
-        title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, "
-        f"median of {runs}"
+        title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, median of {runs}"
     )
     for col in ("model", "GFLOPs (fwd)", "forward s", "fwd+bwd s", "fwd GFLOP/s", "fwd+bwd GFLOP/s"):
         table.add_column(col, justify="left" if col == "model" else "right")

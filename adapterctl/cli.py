@@ -39,9 +39,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 @app.command()
 def config(
     overrides: Overrides = None,
-    name: Annotated[
-        str, typer.Option("--config", "-c", help="Root config: train, eval or export.")
-    ] = "train",
+    name: Annotated[str, typer.Option("--config", "-c", help="Root config: train, eval or export.")] = "train",
 ) -> None:
     """Print the composed, resolved YAML of a config (train by default) with the given overrides."""
     from adapterctl.config import ConfigError, compose, to_yaml
@@ -55,9 +53,7 @@ def config(
 
 @app.command()
 def models(
-    flops: Annotated[
-        bool, typer.Option(help="Count GFLOPs at --size (slower: runs one forward each).")
-    ] = True,
+    flops: Annotated[bool, typer.Option(help="Count GFLOPs at --size (slower: runs one forward each).")] = True,
     size: Annotated[int, typer.Option(help="Square input size for the GFLOP count.")] = 512,
 ) -> None:
     """List the model entry points with their total, ViT and adapter parameters and GFLOPs."""
@@ -78,23 +74,17 @@ def models(
         table.add_row(*cells)
     Console().print(table)
     if flops:
-        Console().print(
-            "GFLOPs: forward multiply-adds x2 by torch.utils.flop_counter; grid_sample is not counted."
-        )
+        Console().print("GFLOPs: forward multiply-adds x2 by torch.utils.flop_counter; grid_sample is not counted.")
 
 
 @app.command()
 def convert(
-    src: Annotated[
-        Path, typer.Argument(help="Official ViT-Adapter checkpoint (.pth / .pth.tar).", show_default=False)
-    ],
+    src: Annotated[Path, typer.Argument(help="Official ViT-Adapter checkpoint (.pth / .pth.tar).", show_default=False)],
     dst: Annotated[Path, typer.Argument(help="Output file (.safetensors).", show_default=False)],
     model: Annotated[
         str, typer.Option(help="Model config (conf/model) the checkpoint was trained with.")
     ] = "vit_adapter_t",
-    variant: Annotated[
-        str, typer.Option(help="segmentation or detection (which official copy).")
-    ] = "segmentation",
+    variant: Annotated[str, typer.Option(help="segmentation or detection (which official copy).")] = "segmentation",
     overrides: Overrides = None,
 ) -> None:
     """Convert an official ViT-Adapter checkpoint into an adapterctl safetensors file.
@@ -128,6 +118,122 @@ def bench(
     if dtype not in ("float32", "bfloat16"):
         raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype)
+
+
+def _run_guarded(fn, *args):
+    """Run a command body; known user errors become one message and a non-zero exit, no traceback."""
+    from adapterctl.config import ConfigError
+    from adapterctl.data.ade20k import DataError
+    from adapterctl.engine.train import TrainingError
+
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    except (DataError, TrainingError, FileNotFoundError) as exc:
+        raise _fail(_last_line(exc), code=1) from None
+
+
+def _last_line(exc: BaseException) -> str:
+    """DataLoader workers re-raise with the worker's traceback in the message; keep the error itself."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1].split(": ", 1)[1] if len(lines) > 1 and ": " in lines[-1] else (lines[-1] if lines else repr(exc))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(overrides: Overrides = None) -> None:
+    """Train a model: `adapterctl train experiment=... trainer.max_iters=2000`. Works under torchrun (DDP)."""
+    from adapterctl.config import compose
+    from adapterctl.engine.train import run_train
+
+    def body() -> None:
+        cfg = compose("train", overrides or [], run_dir=True)
+        run_train(cfg)
+
+    _run_guarded(body)
+
+
+@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_(overrides: Overrides = None) -> None:
+    """Evaluate a checkpoint: `adapterctl eval ckpt=PATH [save_predictions=true] [mode=slide|whole|aug]`.
+
+    The model and data come from the config stored in the checkpoint; other overrides are merged into it.
+    """
+    from adapterctl.engine.evaluate import run_eval
+
+    _run_guarded(run_eval, overrides or [])
+
+
+@app.command()
+def experiments(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List the reproduction experiments with their hyperparameters and the paper's results."""
+    import json
+
+    from adapterctl.experiments import list_experiments
+
+    rows = list_experiments()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Reproduction experiments (conf/experiment)")
+    cols = [
+        "experiment",
+        "model",
+        "pretrained",
+        "lr",
+        "wd",
+        "layer decay",
+        "iters",
+        "batch",
+        "crop",
+        "dpr",
+        "def. heads/ratio",
+        "img",
+        "paper",
+    ]
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["size"],
+            r["pretrained"],
+            str(r["lr"]),
+            str(r["weight_decay"]),
+            str(r["layer_decay_rate"]),
+            str(r["max_iters"]),
+            r["batch"],
+            r["crop"],
+            str(r["drop_path_rate"]),
+            f"{r['deform_num_heads']}/{r['deform_ratio']}",
+            str(r["img_size"]),
+            r["paper_result"],
+        )
+    Console(width=max(Console().width, 200)).print(table)
+
+
+data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    task: Annotated[str, typer.Option(help="seg (ADE20K format).")] = "seg",
+    n_train: Annotated[int, typer.Option(help="Training images.")] = 160,
+    n_val: Annotated[int, typer.Option(help="Validation images.")] = 40,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a small synthetic dataset in a real format (the demo's data)."""
+    from adapterctl.data.synthetic import write_seg_dataset
+
+    if task != "seg":
+        raise _fail(f"--task must be 'seg' (detection data arrives with the detection task), got {task!r}")
+    path = write_seg_dataset(out, n_train=n_train, n_val=n_val, seed=seed)
+    typer.echo(f"wrote {n_train} training and {n_val} validation images to {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry

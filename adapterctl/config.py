@@ -135,9 +135,7 @@ def compose(config_name: str = "train", overrides: Sequence[str] = (), run_dir: 
     except Exception as exc:  # omegaconf raises MissingMandatoryValue / InterpolationResolutionError
         key = getattr(exc, "full_key", None) or ""
         reason = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"Config value '{key}' must be set (it is '???' or unresolvable): {reason}."
-        ) from None
+        raise ConfigError(f"Config value '{key}' must be set (it is '???' or unresolvable): {reason}.") from None
     return cfg
 
 

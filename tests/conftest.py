@@ -35,3 +35,50 @@ def tiny_kwargs() -> dict:
         deform_ratio=0.5,
         interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
     )
+
+
+TINY_MODEL = [
+    "model.embed_dim=64",
+    "model.depth=4",
+    "model.num_heads=2",
+    "model.deform_num_heads=2",
+    "model.conv_inplane=8",
+    "model.interaction_indexes=[[0,0],[1,1],[2,2],[3,3]]",
+    "model.img_size=64",
+    "model.drop_path_rate=0.0",
+    "head.decode.channels=16",
+    "head.auxiliary.channels=8",
+]
+
+
+@pytest.fixture(scope="session")
+def synth_seg(tmp_path_factory) -> Path:
+    """A tiny ADE20K-format dataset written by the synthetic generator."""
+    from adapterctl.data.synthetic import write_seg_dataset
+
+    return write_seg_dataset(tmp_path_factory.mktemp("synth_seg"), n_train=8, n_val=3, seed=1, size_range=(64, 100))
+
+
+def tiny_train_overrides(data_root: Path, out_dir: Path, **trainer) -> list[str]:
+    t = {
+        "max_iters": 4,
+        "batch_size": 2,
+        "num_workers": 0,
+        "log_interval": 1,
+        "eval_interval": 100,
+        "checkpoint_interval": 2,
+        "amp": "none",
+        "device": "cpu",
+        **trainer,
+    }
+    return [
+        *TINY_MODEL,
+        f"data.root={data_root}",
+        "data.train.crop_size=[64,64]",
+        "data.train.scale=[256,64]",
+        "data.test.scale=[256,64]",
+        f"paths.output_dir={out_dir}",
+        "optim.lr=1e-3",
+        "schedule.warmup_iters=2",
+        *[f"trainer.{k}={v}" for k, v in t.items()],
+    ]

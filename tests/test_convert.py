@@ -64,9 +64,7 @@ def test_convert_official_checkpoint_round_trip(tmp_path, official_tiny):
 
 def test_convert_wrong_model_is_a_clear_error(tmp_path, official_tiny):
     src = _official_file(tmp_path, official_tiny)
-    result = runner.invoke(
-        app, ["convert", str(src), str(tmp_path / "x.safetensors"), "--model", "vit_adapter_s"]
-    )
+    result = runner.invoke(app, ["convert", str(src), str(tmp_path / "x.safetensors"), "--model", "vit_adapter_s"])
     assert result.exit_code == 1
     assert "does not fit model 'vit_adapter_s'" in " ".join(result.output.split())
     assert not (tmp_path / "x.safetensors").exists()

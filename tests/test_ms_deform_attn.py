@@ -38,9 +38,7 @@ def _inputs(n=2, lq=30, m=3, d=8, shapes=((6, 5), (3, 4), (2, 2)), points=4, see
 @pytest.mark.parametrize("core", [ms_deform_attn_core, ms_deform_attn_core_gather])
 def test_cores_match_official_reference(core):
     value, shapes, loc, w = _inputs()
-    torch.testing.assert_close(
-        core(value, shapes, loc, w), _official_core(value, shapes, loc, w), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(core(value, shapes, loc, w), _official_core(value, shapes, loc, w), atol=1e-5, rtol=1e-5)
 
 
 def test_gather_gradients_match_grid_sample():

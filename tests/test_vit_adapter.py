@@ -45,9 +45,7 @@ def test_official_wrapped_checkpoint_loads(official_tiny):
     ckpt = {"meta": {"CLASSES": ("a", "b")}, "state_dict": sd}
     model = from_official(official_tiny["config"], ckpt).eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(official_tiny["input"])[2], official_tiny["outputs"][2], atol=1e-4, rtol=1e-4
-        )
+        torch.testing.assert_close(model(official_tiny["input"])[2], official_tiny["outputs"][2], atol=1e-4, rtol=1e-4)
 
 
 def test_official_state_dict_with_missing_key_is_an_error(official_tiny):
@@ -184,9 +182,7 @@ def test_window_attention_matches_official_unpadded_masking(h, w, ws):
     torch.manual_seed(0)
     attn = WindowedAttention(Attention(32, num_heads=4, qkv_bias=True), window_size=ws).eval()
     x = torch.randn(2, h * w, 32)
-    torch.testing.assert_close(
-        attn(x, (h, w)), _official_windowed_attention(attn, x, h, w), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(attn(x, (h, w)), _official_windowed_attention(attn, x, h, w), atol=1e-5, rtol=1e-5)
 
 
 def test_variants_keep_released_hyperparameters():
@@ -237,9 +233,7 @@ def test_bench_prints_both_models_and_ratio():
 
     from adapterctl.cli import app
 
-    result = CliRunner().invoke(
-        app, ["bench", "--size", "t", "--input", "64", "--runs", "1", "--warmup", "0"]
-    )
+    result = CliRunner().invoke(app, ["bench", "--size", "t", "--input", "64", "--runs", "1", "--warmup", "0"])
     assert result.exit_code == 0, result.output
     for needle in ("timm ViT", "ViT-Adapter-T", "ratio"):
         assert needle in result.output

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from adapterctl.data.transforms import IGNORE, TestTransform, TrainTransform
+from adapterctl.data.transforms import IGNORE, EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -62,10 +62,19 @@ class SegmentationFolder(Dataset):
         on_bad_sample: ``error`` (stop, naming the file) or ``skip`` (use the next sample and report the file).
     """
 
-    def __init__(self, root: str | Path, split: str, num_classes: int, reduce_zero_label: bool = True,
-                 img_dir: str = "images", ann_dir: str = "annotations", train: bool = False,
-                 transform: TrainTransform | None = None, test_transform: TestTransform | None = None,
-                 on_bad_sample: str = "error") -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        num_classes: int,
+        reduce_zero_label: bool = True,
+        img_dir: str = "images",
+        ann_dir: str = "annotations",
+        train: bool = False,
+        transform: TrainTransform | None = None,
+        test_transform: EvalTransform | None = None,
+        on_bad_sample: str = "error",
+    ) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         self.root = Path(root)

@@ -12,10 +12,19 @@ import numpy as np
 from PIL import Image
 
 SEG_CLASSES = ("background_a", "disc", "square", "triangle", "stripes", "ring", "blob", "cross")
-_COLOURS = np.array([
-    (90, 120, 80), (220, 60, 50), (50, 90, 210), (240, 200, 40), (160, 60, 200), (40, 190, 180), (250, 140, 20),
-    (240, 240, 240),
-], dtype=np.float32)
+_COLOURS = np.array(
+    [
+        (90, 120, 80),
+        (220, 60, 50),
+        (50, 90, 210),
+        (35, 35, 35),
+        (160, 60, 200),
+        (40, 190, 180),
+        (250, 140, 20),
+        (240, 240, 240),
+    ],
+    dtype=np.float32,
+)
 
 
 def _texture(kind: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -51,7 +60,9 @@ def _shape_mask(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarr
         rad = r * (1 + 0.3 * np.sin(3 * ang + rng.uniform(0, 6)))
         return (yy - cy) ** 2 + (xx - cx) ** 2 < rad**2
     if kind == "cross":
-        return ((np.abs(yy - cy) < r * 0.3) & (np.abs(xx - cx) < r)) | ((np.abs(xx - cx) < r * 0.3) & (np.abs(yy - cy) < r))
+        return ((np.abs(yy - cy) < r * 0.3) & (np.abs(xx - cx) < r)) | (
+            (np.abs(xx - cx) < r * 0.3) & (np.abs(yy - cy) < r)
+        )
     raise ValueError(kind)
 
 
@@ -75,8 +86,9 @@ def make_seg_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarra
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def write_seg_dataset(out: str | Path, n_train: int = 160, n_val: int = 40, seed: int = 0,
-                      size_range: tuple[int, int] = (112, 192)) -> Path:
+def write_seg_dataset(
+    out: str | Path, n_train: int = 160, n_val: int = 40, seed: int = 0, size_range: tuple[int, int] = (112, 192)
+) -> Path:
     """Write an ADE20K-format synthetic dataset under ``out``; returns ``out``."""
     out = Path(out)
     rng = np.random.default_rng(seed)

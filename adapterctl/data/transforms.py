@@ -37,8 +37,9 @@ def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
 
 
-def random_crop_box(label: np.ndarray, crop: Sequence[int], cat_max_ratio: float, rng: np.random.Generator,
-                    ignore_index: int = IGNORE) -> tuple[int, int, int, int]:
+def random_crop_box(
+    label: np.ndarray, crop: Sequence[int], cat_max_ratio: float, rng: np.random.Generator, ignore_index: int = IGNORE
+) -> tuple[int, int, int, int]:
     """mmseg RandomCrop: up to 10 tries for a box where no class covers >= cat_max_ratio of the labelled pixels;
     the 11th box drawn is used unchecked."""
     h, w = label.shape
@@ -90,9 +91,14 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     return (rgb * 255.0).clamp_(0, 255)
 
 
-def photometric_distortion(img: torch.Tensor, rng: np.random.Generator, brightness_delta: float = 32,
-                           contrast_range: Sequence[float] = (0.5, 1.5),
-                           saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: int = 18) -> torch.Tensor:
+def photometric_distortion(
+    img: torch.Tensor,
+    rng: np.random.Generator,
+    brightness_delta: float = 32,
+    contrast_range: Sequence[float] = (0.5, 1.5),
+    saturation_range: Sequence[float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> torch.Tensor:
     """mmseg PhotoMetricDistortion: each step with p=0.5, contrast first or last; results truncated to uint8.
 
     Hue and saturation work in HSV as OpenCV does (hue in 2-degree units), in float rather than OpenCV's 8-bit
@@ -120,8 +126,9 @@ def photometric_distortion(img: torch.Tensor, rng: np.random.Generator, brightne
     return img
 
 
-def pad_to(img: torch.Tensor, label: torch.Tensor, size: Sequence[int], mean: Sequence[float],
-           ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_to(
+    img: torch.Tensor, label: torch.Tensor, size: Sequence[int], mean: Sequence[float], ignore_index: int = IGNORE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bottom/right to ``size``: image with the mean colour (0 once normalised, as mmseg pads after
     Normalize), label with ``ignore_index``."""
     h, w = img.shape[-2:]
@@ -139,9 +146,17 @@ def pad_to(img: torch.Tensor, label: torch.Tensor, size: Sequence[int], mean: Se
 class TrainTransform:
     """Resize (ratio range) -> RandomCrop (cat_max_ratio) -> flip -> photometric distortion -> pad."""
 
-    def __init__(self, scale: Sequence[int], ratio_range: Sequence[float], crop_size: Sequence[int],
-                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True,
-                 mean: Sequence[float] = (123.675, 116.28, 103.53), ignore_index: int = IGNORE) -> None:
+    def __init__(
+        self,
+        scale: Sequence[int],
+        ratio_range: Sequence[float],
+        crop_size: Sequence[int],
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        mean: Sequence[float] = (123.675, 116.28, 103.53),
+        ignore_index: int = IGNORE,
+    ) -> None:
         self.scale = tuple(scale)
         self.ratio_range = tuple(ratio_range)
         self.crop_size = tuple(crop_size)
@@ -151,8 +166,9 @@ class TrainTransform:
         self.mean = tuple(mean)
         self.ignore_index = ignore_index
 
-    def __call__(self, img: torch.Tensor, label: torch.Tensor, rng: np.random.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, img: torch.Tensor, label: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.ratio_range
         ratio = float(rng.random()) * (hi - lo) + lo
         scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
@@ -167,7 +183,7 @@ class TrainTransform:
         return pad_to(img, label, self.crop_size, self.mean, self.ignore_index)
 
 
-class TestTransform:
+class EvalTransform:
     """Resize keeping the ratio into ``scale``, then up to a multiple of ``size_divisor`` (ResizeToMultiple)."""
 
     def __init__(self, scale: Sequence[int], size_divisor: int = 32) -> None:

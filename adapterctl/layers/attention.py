@@ -23,9 +23,7 @@ class WindowedAttention(nn.Module):
         super().__init__()
         for name in ("qkv", "proj", "num_heads"):
             if not hasattr(attn, name):
-                raise TypeError(
-                    f"window attention needs a timm-style Attention with .{name}; got {type(attn)}"
-                )
+                raise TypeError(f"window attention needs a timm-style Attention with .{name}; got {type(attn)}")
         self.qkv = attn.qkv
         self.proj = attn.proj
         self.attn_drop = getattr(attn, "attn_drop", nn.Identity())
@@ -52,8 +50,6 @@ class WindowedAttention(nn.Module):
         dropout = self.attn_drop.p if (self.training and isinstance(self.attn_drop, nn.Dropout)) else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         # B*nh*nw, heads, ws*ws, hd -> B, hp, wp, C
-        out = (
-            out.view(b, nh, nw, heads, ws, ws, c // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
-        )
+        out = out.view(b, nh, nw, heads, ws, ws, c // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
         out = out[:, :h, :w].reshape(b, n, c)
         return self.proj_drop(self.proj(out))

@@ -190,18 +190,14 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"expected {self.n_levels} spatial shapes, got {len(spatial_shapes)}")
         expected = sum(h * w for h, w in spatial_shapes)
         if expected != len_in:
-            raise ValueError(
-                f"spatial shapes {list(spatial_shapes)} cover {expected} tokens, value has {len_in}"
-            )
+            raise ValueError(f"spatial shapes {list(spatial_shapes)} cover {expected} tokens, value has {len_in}")
         value = self.value_proj(input_flatten).view(n, len_in, self.n_heads, -1)
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         # (W_l, H_l) per level, the normaliser of the offsets
         normalizer = query.new_tensor([[w, h] for h, w in spatial_shapes])
-        locations = (
-            reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        )
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         impl = self.impl
         if impl == "auto":
             impl = "grid_sample" if torch.is_grad_enabled() else "gather"

@@ -30,23 +30,32 @@ def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mo
     if dec.pop("name") != "upernet":
         raise ValueError(f"head.decode.name: only 'upernet' is available, got {head.decode.name!r}")
     loss_weight = dec.pop("loss_weight", 1.0)
-    decode = UPerHead(in_channels=[channels[i] for i in dec["in_index"]], num_classes=head.num_classes,
-                      norm_layer=norm, **dec)
+    decode = UPerHead(
+        in_channels=[channels[i] for i in dec["in_index"]], num_classes=head.num_classes, norm_layer=norm, **dec
+    )
     aux_head, aux_weight = None, 0.0
     if head.get("auxiliary") is not None:
         aux: dict[str, Any] = OmegaConf.to_container(head.auxiliary, resolve=True)
         if aux.pop("name") != "fcn":
             raise ValueError(f"head.auxiliary.name: only 'fcn' is available, got {head.auxiliary.name!r}")
         aux_weight = aux.pop("loss_weight", 0.4)
-        aux_head = FCNHead(in_channels=channels[aux["in_index"]], num_classes=head.num_classes, norm_layer=norm,
-                           **aux)
+        aux_head = FCNHead(in_channels=channels[aux["in_index"]], num_classes=head.num_classes, norm_layer=norm, **aux)
     test = cfg.data.test
     return EncoderDecoder(
-        backbone, decode, aux_head,
-        mean=list(cfg.data.mean), std=list(cfg.data.std), ignore_index=head.ignore_index,
-        decode_loss_weight=loss_weight, aux_loss_weight=aux_weight, test_mode=test.mode,
-        crop_size=list(test.crop_size), stride=list(test.stride), aug_ratios=list(test.aug_ratios),
-        aug_flip=bool(test.aug_flip), aug_mode=test.get("aug_mode", "whole"),
+        backbone,
+        decode,
+        aux_head,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        ignore_index=head.ignore_index,
+        decode_loss_weight=loss_weight,
+        aux_loss_weight=aux_weight,
+        test_mode=test.mode,
+        crop_size=list(test.crop_size),
+        stride=list(test.stride),
+        aug_ratios=list(test.aug_ratios),
+        aug_flip=bool(test.aug_flip),
+        aug_mode=test.get("aug_mode", "whole"),
     )
 
 

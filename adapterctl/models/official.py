@@ -67,17 +67,13 @@ class Conversion:
     """Official keys with no place in the model (reported, never silently dropped)."""
 
 
-def official_kwargs(
-    config: Mapping[str, Any], variant: Literal["segmentation", "detection"]
-) -> dict[str, Any]:
+def official_kwargs(config: Mapping[str, Any], variant: Literal["segmentation", "detection"]) -> dict[str, Any]:
     """Translate official ``ViTAdapter(**config)`` arguments into :func:`build_vit_adapter` arguments."""
     unknown = sorted(set(config) - set(_SAME_NAME) - set(_IGNORED))
     if unknown:
         raise ValueError(f"unknown official ViTAdapter arguments: {unknown}")
     if config.get("patch_size", 16) != 16:
-        raise ValueError(
-            f"official ViT-Adapter hard-codes 16x16 patches; config has patch_size={config['patch_size']}"
-        )
+        raise ValueError(f"official ViT-Adapter hard-codes 16x16 patches; config has patch_size={config['patch_size']}")
     img, pretrain = config.get("img_size", 224), config.get("pretrain_size", config.get("img_size", 224))
     if img != pretrain:
         raise ValueError(f"official ViT-Adapter needs img_size == pretrain_size, got {img} and {pretrain}")

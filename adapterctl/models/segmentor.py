@@ -82,13 +82,15 @@ class EncoderDecoder(nn.Module):
         feats = self.backbone(self.normalize(images))
         decode = self.decode_head(feats)
         out = {
-            "loss_decode": seg_cross_entropy(decode, labels, self.ignore_index, self.decode_loss_weight,
-                                             self.align_corners),
+            "loss_decode": seg_cross_entropy(
+                decode, labels, self.ignore_index, self.decode_loss_weight, self.align_corners
+            ),
         }
         if self.auxiliary_head is not None:
             aux = self.auxiliary_head(feats)
-            out["loss_aux"] = seg_cross_entropy(aux, labels, self.ignore_index, self.aux_loss_weight,
-                                                self.align_corners)
+            out["loss_aux"] = seg_cross_entropy(
+                aux, labels, self.ignore_index, self.aux_loss_weight, self.align_corners
+            )
         with torch.no_grad():
             out["acc_seg"] = seg_accuracy(decode.detach(), labels, self.align_corners)
         return out

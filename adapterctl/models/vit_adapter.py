@@ -335,9 +335,7 @@ class ViTAdapter(nn.Module):
                 "adapterctl.models.pretrained.load_vit_weights, which resamples the kernel."
             )
         if vit_feature_mode not in ("per_interaction", "final"):
-            raise ValueError(
-                f"vit_feature_mode must be 'per_interaction' or 'final', got {vit_feature_mode!r}"
-            )
+            raise ValueError(f"vit_feature_mode must be 'per_interaction' or 'final', got {vit_feature_mode!r}")
         depth = len(vit.blocks)
         groups = [list(map(int, idx)) for idx in interaction_indexes]
         for idx in groups:
@@ -399,11 +397,7 @@ class ViTAdapter(nn.Module):
             return
         if len(window_attn) != depth:
             raise ValueError(f"window_attn has {len(window_attn)} entries for a ViT of depth {depth}")
-        sizes = (
-            [window_size] * depth
-            if window_size is None or isinstance(window_size, int)
-            else list(window_size)
-        )
+        sizes = [window_size] * depth if window_size is None or isinstance(window_size, int) else list(window_size)
         if len(sizes) != depth:
             raise ValueError(f"window_size has {len(sizes)} entries for a ViT of depth {depth}")
         for blk, on, ws in zip(self.vit.blocks, window_attn, sizes, strict=True):
@@ -501,9 +495,7 @@ class ViTAdapter(nn.Module):
 
         return [
             norm(f).contiguous()
-            for norm, f in zip(
-                (self.norm1, self.norm2, self.norm3, self.norm4), (c1, c2, c3, c4), strict=True
-            )
+            for norm, f in zip((self.norm1, self.norm2, self.norm3, self.norm4), (c1, c2, c3, c4), strict=True)
         ]
 
     # ------------------------------------------------------------------ introspection

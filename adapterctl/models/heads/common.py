@@ -13,8 +13,9 @@ NormLayer = Callable[[int], nn.Module]
 class ConvBNReLU(nn.Module):
     """conv (no bias) -> norm -> ReLU, with submodules ``conv`` and ``bn`` as mmcv's ConvModule names them."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int = 1, dilation: int = 1,
-                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel_size: int = 1, dilation: int = 1, norm_layer: NormLayer = nn.BatchNorm2d
+    ) -> None:
         super().__init__()
         pad = dilation * (kernel_size // 2)
         self.conv = nn.Conv2d(cin, cout, kernel_size, padding=pad, dilation=dilation, bias=False)
@@ -44,8 +45,9 @@ def init_head_weights(head: nn.Module) -> None:
     nn.init.zeros_(head.conv_seg.bias)
 
 
-def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, loss_weight: float = 1.0,
-                      align_corners: bool = False) -> Tensor:
+def seg_cross_entropy(
+    logits: Tensor, labels: Tensor, ignore_index: int = 255, loss_weight: float = 1.0, align_corners: bool = False
+) -> Tensor:
     """mmseg 0.20 cross-entropy: logits resized to the labels, summed CE divided by **all** pixels.
 
     Ignored pixels add 0 to the sum but count in the denominator (mmseg 0.20.2 has no ``avg_non_ignore``).

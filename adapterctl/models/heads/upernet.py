@@ -47,7 +47,9 @@ class UPerHead(nn.Module):
         )
         self.bottleneck = ConvBNReLU(top + len(pool_scales) * channels, channels, 3, norm_layer=norm_layer)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1, norm_layer=norm_layer) for c in in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3, norm_layer=norm_layer) for _ in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(
+            ConvBNReLU(channels, channels, 3, norm_layer=norm_layer) for _ in in_channels[:-1]
+        )
         self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3, norm_layer=norm_layer)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)

@@ -1,0 +1,213 @@
+"""Evaluation: the loop is task-agnostic; ``SegEvaluator`` computes mmseg's mIoU / mAcc / aAcc.
+
+Intersections and unions are summed over the whole set (a confusion matrix), classes with zero union are left
+out of the mean, and the matrix is summed across ranks by torchmetrics. Each rank evaluates a disjoint shard
+(no DistributedSampler padding), so every image counts once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class SegEvaluator:
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        ignore_index: int = 255,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index).to(device)
+
+    def reset(self) -> None:
+        self.confusion.reset()
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """pred, label: integer maps of the same shape (label may hold ignore_index)."""
+        self.confusion.update(pred.reshape(-1), label.reshape(-1))
+
+    def compute(self) -> dict:
+        """Percentages: ``mIoU``, ``mAcc``, ``aAcc`` and ``per_class`` {name: {IoU, Acc}} (None where undefined)."""
+        cm = self.confusion.compute().double().cpu()  # rows: label, cols: prediction; synced across ranks
+        inter = cm.diag()
+        area_label, area_pred = cm.sum(1), cm.sum(0)
+        union = area_label + area_pred - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
+        acc = torch.where(area_label > 0, inter / area_label.clamp(min=1), torch.full_like(inter, float("nan")))
+        total = cm.sum()
+        result = {
+            "mIoU": _pct(np.nanmean(iou.numpy()) if (~iou.isnan()).any() else float("nan")),
+            "mAcc": _pct(np.nanmean(acc.numpy()) if (~acc.isnan()).any() else float("nan")),
+            "aAcc": _pct(float(inter.sum() / total) if total > 0 else float("nan")),
+            "per_class": {
+                name: {"IoU": _pct(float(i)), "Acc": _pct(float(a))}
+                for name, i, a in zip(self.class_names, iou, acc, strict=True)
+            },
+        }
+        return result
+
+
+def _pct(x: float) -> float | None:
+    return None if math.isnan(x) else round(100.0 * float(x), 4)
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if amp == "fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def evaluate_segmentation(
+    model: nn.Module,
+    batches: Iterable[list[dict]],
+    evaluator: SegEvaluator,
+    device: torch.device,
+    amp: str = "none",
+    mode: str | None = None,
+    predictions_dir: Path | None = None,
+) -> dict:
+    """Predict each image at its original size and accumulate the metric; returns ``evaluator.compute()``."""
+    from PIL import Image
+
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    for batch in batches:
+        for sample in batch:
+            image = sample["image"][None].to(device)
+            with autocast_context(device, amp):
+                scores = model.predict(image, out_size=sample["ori_size"], mode=mode)
+            pred = scores.argmax(1)[0]
+            evaluator.update(pred, sample["label"].to(device))
+            if predictions_dir is not None:
+                predictions_dir.mkdir(parents=True, exist_ok=True)
+                # ADE20K test-server format: class k saved as k + 1 (0 stays "other")
+                png = (pred.cpu().numpy() + 1).astype(np.uint8)
+                Image.fromarray(png, mode="L").save(predictions_dir / f"{Path(sample['path']).stem}.png")
+    model.train(was_training)
+    return evaluator.compute()
+
+
+def write_metrics(metrics: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def metrics_table(metrics: dict, title: str = "Segmentation"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    table.add_column("Acc", justify="right")
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, fmt(row["IoU"]), fmt(row["Acc"]))
+    table.add_section()
+    table.add_row("[bold]mean[/]", f"[bold]{fmt(metrics['mIoU'])}[/]", f"[bold]{fmt(metrics['mAcc'])}[/]")
+    table.add_row("aAcc", "", fmt(metrics["aAcc"]))
+    return table
+
+
+EVAL_KEYS = ("ckpt", "save_predictions", "mode", "paths", "trainer")
+
+
+def eval_config(overrides: Sequence[str]):
+    """Compose ``eval.yaml`` with the eval-level overrides and merge the rest into the checkpoint's config.
+
+    Returns ``(eval_cfg, model_cfg, state)``: the model is rebuilt from the config stored in the checkpoint.
+    """
+    import yaml
+    from omegaconf import OmegaConf
+
+    from adapterctl.config import ConfigError, compose
+    from adapterctl.engine.checkpoint import load_checkpoint
+
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+").split(".")[0] in EVAL_KEYS]
+    rest = [o for o in overrides if o not in own]
+    ecfg = compose("eval", own)
+    state = load_checkpoint(str(ecfg.ckpt))
+    if "config" not in state or "model" not in state:
+        raise ConfigError(f"{ecfg.ckpt}: not an adapterctl training checkpoint (no stored config or model)")
+    mcfg = OmegaConf.create(state["config"])
+    OmegaConf.set_struct(mcfg, True)
+    for ov in rest:
+        key, _, value = ov.partition("=")
+        if key.startswith("+"):
+            OmegaConf.set_struct(mcfg, False)
+            key = key[1:]
+        try:
+            OmegaConf.update(mcfg, key, yaml.safe_load(value) if value else None, merge=True)
+        except Exception as exc:  # omegaconf ConfigAttributeError / KeyValidationError
+            raise ConfigError(f"override '{ov}' does not fit the checkpoint's config: {exc}".splitlines()[0]) from None
+        OmegaConf.set_struct(mcfg, True)
+    return ecfg, mcfg, state
+
+
+def run_eval(overrides: Sequence[str]) -> dict:
+    """``adapterctl eval ckpt=PATH [overrides]``: metrics.json (+ predictions/) in the run directory."""
+    import time
+
+    from rich.console import Console
+
+    from adapterctl.data.loader import build_seg_dataset, class_names, eval_loader
+    from adapterctl.engine.distributed import barrier, cleanup, init_distributed
+    from adapterctl.engine.train import resolve_amp
+    from adapterctl.models.build import build_model
+
+    ecfg, mcfg, state = eval_config(overrides)
+    dist = init_distributed(str(ecfg.trainer.device))
+    try:
+        out_dir = Path(
+            ecfg.paths.output_dir
+            or Path(str(ecfg.ckpt)).resolve().parent.parent / f"eval_{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        model = build_model(mcfg)
+        model.load_state_dict(state["model"])
+        model.to(dist.device)
+        dataset = build_seg_dataset(mcfg.data, train=False)
+        evaluator = SegEvaluator(
+            int(mcfg.data.num_classes), class_names(mcfg.data), int(mcfg.data.ignore_index), dist.device
+        )
+        amp = resolve_amp(str(ecfg.trainer.amp), dist.device)
+        metrics = evaluate_segmentation(
+            model,
+            eval_loader(dataset, int(ecfg.trainer.num_workers), dist.rank, dist.world_size),
+            evaluator,
+            dist.device,
+            amp,
+            mode=ecfg.mode,
+            predictions_dir=out_dir / "predictions" if ecfg.save_predictions else None,
+        )
+        if dist.is_main:
+            write_metrics({"ckpt": str(ecfg.ckpt), "step": state.get("step"), **metrics}, out_dir / "metrics.json")
+            console = Console(highlight=False)
+            console.print(metrics_table(metrics, f"{mcfg.experiment_name} ({ecfg.ckpt})"))
+            console.print(f"metrics: {out_dir / 'metrics.json'}")
+        return metrics
+    finally:
+        barrier()
+        cleanup()

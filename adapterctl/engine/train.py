@@ -1,0 +1,360 @@
+"""``adapterctl train``: one readable iteration loop with explicit DDP, the same for every task.
+
+loss_dict = model(images, targets) -> sum of the ``loss_*`` terms -> backward (autocast) -> clip -> step.
+Logging, evaluation and checkpoints happen at their periods; rank-0-only work sits behind ``dist.is_main``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from adapterctl.engine import checkpoint as ckpt
+from adapterctl.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from adapterctl.engine.evaluate import autocast_context
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (the message says which)."""
+
+
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bf16 matrices faster than fp32 (AMX / AVX512-BF16 class units).
+
+    Measured, not guessed: on AVX2-only CPUs torch's bf16 matmul runs ~100x slower than fp32.
+    """
+    import time
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        t0 = time.perf_counter()
+        for _ in range(4):
+            x @ y
+        times[dtype] = time.perf_counter() - t0
+    return times[torch.bfloat16] < 0.8 * times[torch.float32]
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto``: bf16 where the device runs it fast (CUDA with bf16; CPUs whose bf16 matmul beats fp32),
+    fp16 on older GPUs, else none."""
+    if amp not in ("auto", "bf16", "fp16", "none"):
+        raise ValueError(f"trainer.amp must be auto, bf16, fp16 or none, got {amp!r}")
+    if amp == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_bf16_is_fast() else "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("trainer.amp=fp16 needs a CUDA device (use bf16 on CPU)")
+    return amp
+
+
+def _resume_path(cfg: DictConfig, out_dir: Path) -> Path | None:
+    resume = cfg.get("resume")
+    if resume in (None, False, "false", "null"):
+        return None
+    if resume in (True, "true"):
+        path = ckpt.latest_checkpoint(out_dir / "checkpoints")
+        if path is None:
+            raise TrainingError(f"resume=true but {out_dir / 'checkpoints'} holds no checkpoint")
+        return path
+    return Path(str(resume))
+
+
+class _Stop:
+    """SIGTERM/SIGINT (preemption): finish the current step, checkpoint, exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _log_line(step: int, max_iters: int, losses: dict[str, float], lr: float, speed: float) -> str:
+    parts = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+    eta = (max_iters - step) / speed if speed > 0 else float("inf")
+    return f"iter {step}/{max_iters} {parts} lr={lr:.3e} {speed:.2f} it/s eta {eta / 60:.1f} min"
+
+
+def run_train(cfg: DictConfig) -> dict:
+    """Train per ``cfg`` (composed with its run directory fixed); returns the last evaluation metrics."""
+    from rich.console import Console
+
+    from adapterctl.config import save_config
+    from adapterctl.data.loader import build_seg_dataset, class_names, eval_loader, train_loader
+    from adapterctl.engine.evaluate import SegEvaluator, evaluate_segmentation, metrics_table, write_metrics
+    from adapterctl.engine.optim import build_optimizer, build_scheduler
+    from adapterctl.models.build import build_model
+
+    if cfg.task != "segmentation":
+        raise TrainingError(f"task={cfg.task!r}: only segmentation trains for now")
+    t = cfg.trainer
+    dist = init_distributed(str(t.device))
+    if dist.distributed:  # every rank composed its own timestamp: rank 0's run directory wins
+        import torch.distributed as tdist
+
+        chosen = [cfg.paths.output_dir]
+        tdist.broadcast_object_list(chosen, src=0)
+        cfg.paths.output_dir = chosen[0]
+    console = Console(stderr=False, highlight=False)
+    out_dir = Path(cfg.paths.output_dir)
+    try:
+        resume_from = _resume_path(cfg, out_dir)
+        if dist.is_main:
+            save_config(cfg, out_dir)
+        amp = resolve_amp(str(t.amp), dist.device)
+        torch.manual_seed(int(cfg.seed) + dist.rank)
+
+        model = build_model(cfg).to(dist.device)
+        if dist.distributed and dist.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif dist.distributed and dist.is_main:
+            # DDP refuses SyncBatchNorm on CPU modules: each process normalises with its own batch statistics
+            console.print("note: CPU DDP keeps per-process BatchNorm statistics (SyncBatchNorm needs GPUs)")
+        synced = dist.distributed and dist.device.type == "cuda"
+        if int(t.batch_size) * (dist.world_size if synced else 1) < 2:
+            raise TrainingError(
+                f"trainer.batch_size={t.batch_size}: BatchNorm after UperNet's 1x1 pyramid pooling needs at least 2 "
+                "images per normalisation group (per process, or across GPUs with SyncBatchNorm)"
+            )
+        optimizer = build_optimizer(model, cfg.optim)
+        max_iters = int(t.max_iters)
+        scheduler = build_scheduler(optimizer, cfg.schedule, max_iters, float(cfg.optim.lr))
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        start = 0
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start = int(state["step"])
+            if dist.is_main:
+                console.print(f"resumed from {resume_from} at iteration {start}")
+
+        ddp = (
+            nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None
+            )
+            if dist.distributed
+            else model
+        )
+        train_set = build_seg_dataset(cfg.data, train=True)
+        val_set = build_seg_dataset(cfg.data, train=False)
+        loader = train_loader(
+            train_set, int(t.batch_size), int(t.num_workers), dist.rank, dist.world_size, int(cfg.seed), start
+        )
+        evaluator = SegEvaluator(
+            int(cfg.data.num_classes), class_names(cfg.data), int(cfg.data.ignore_index), dist.device
+        )
+
+        writer = _tensorboard(out_dir) if dist.is_main else None
+        jsonl = (out_dir / "metrics.jsonl").open("a") if dist.is_main else None
+        grad_clip = cfg.optim.get("grad_clip")
+        log_every, eval_every = int(t.log_interval), int(t.eval_interval)
+        ckpt_every, keep = int(t.checkpoint_interval), int(t.get("keep_checkpoints", 2))
+        ckpt_dir = out_dir / "checkpoints"
+        metrics: dict = {}
+        skipped: set[str] = set()
+
+        def save(step: int, name: str | None = None) -> Path | None:
+            _average_buffers(model, dist)
+            rng_all = _gather_rng(dist)
+            if not dist.is_main:
+                return None
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "rng": rng_all,
+            }
+            path = ckpt.save_checkpoint(state, ckpt_dir / name if name else ckpt.checkpoint_path(ckpt_dir, step))
+            ckpt.prune_checkpoints(ckpt_dir, keep)
+            return path
+
+        def run_eval(step: int) -> dict:
+            _average_buffers(model, dist)
+            res = evaluate_segmentation(
+                model, eval_loader(val_set, int(t.num_workers), dist.rank, dist.world_size), evaluator, dist.device, amp
+            )
+            if dist.is_main:
+                write_metrics({"step": step, **res}, out_dir / "metrics.json")
+                _write_row(
+                    jsonl, writer, step, {"val/mIoU": res["mIoU"], "val/mAcc": res["mAcc"], "val/aAcc": res["aAcc"]}
+                )
+                console.print(f"iter {step}: mIoU {res['mIoU']} mAcc {res['mAcc']} aAcc {res['aAcc']}")
+            return res
+
+        model.train()
+        window: dict[str, float] = {}
+        n_window, tic = 0, time.perf_counter()
+        last_good = resume_from
+        step = start
+        data_iter = iter(loader)  # draws from the global RNG: restore the checkpoint's state after it
+        if resume_from is not None and (rng := state.get("rng", {}).get(f"rank{dist.rank}")) is not None:
+            ckpt.set_rng_state(rng)
+        progress = _progress(console, dist.is_main)
+        task = progress.add_task("train", total=max_iters, completed=start, loss=float("nan"), lr=0.0)
+        with _Stop() as stop, progress:
+            while step < max_iters:
+                batch = next(data_iter)
+                skipped.update(batch["skipped"])
+                images = batch["image"].to(dist.device, non_blocking=True)
+                labels = batch["label"].to(dist.device, non_blocking=True)
+                with autocast_context(dist.device, amp):
+                    out = ddp(images, labels)
+                losses = {k: v for k, v in out.items() if k.startswith("loss")}
+                loss = sum(losses.values())
+                finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=dist.device)
+                if all_reduce_sum(finite).item() < dist.world_size:
+                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"non-finite loss at iteration {step + 1} ({values}); stopping. Lower optim.lr, set "
+                        f"optim.grad_clip, or check the data; {where}."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+
+                for k, v in {**losses, "loss": loss, "acc_seg": out.get("acc_seg", loss)}.items():
+                    window[k] = window.get(k, 0.0) + float(v.detach())
+                n_window += 1
+                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
+                progress.update(task, completed=step, loss=float(loss.detach()), lr=lr)
+                if step % log_every == 0 or step == max_iters:
+                    speed = n_window / (time.perf_counter() - tic)
+                    means = {k: v / n_window for k, v in window.items()}
+                    if dist.is_main:
+                        _write_row(
+                            jsonl,
+                            writer,
+                            step,
+                            {**{f"train/{k}": v for k, v in means.items()}, "train/lr": lr, "train/it_per_s": speed},
+                        )
+                        progress.console.print(_log_line(step, max_iters, means, lr, speed), soft_wrap=True)
+                    window, n_window, tic = {}, 0, time.perf_counter()
+                if step % ckpt_every == 0 and step < max_iters:
+                    last_good = save(step) or last_good
+                if step % eval_every == 0 and step < max_iters:
+                    metrics = run_eval(step)
+                stop_now = torch.tensor([float(stop.requested)], device=dist.device)
+                if all_reduce_sum(stop_now).item() > 0:
+                    path = save(step)
+                    if dist.is_main:
+                        console.print(f"stopped by signal at iteration {step}; checkpoint {path}")
+                    return metrics
+        last_good = save(step) or last_good
+        metrics = run_eval(step)
+        if dist.is_main:
+            ckpt_final = ckpt_dir / "final.pt"
+            if last_good is not None:
+                ckpt_final.unlink(missing_ok=True)
+                ckpt_final.symlink_to(Path(last_good).name)
+            console.print(metrics_table(metrics, f"{cfg.experiment_name}: iteration {step}"))
+            if skipped:
+                console.print(f"[yellow]skipped {len(skipped)} bad sample(s)[/], e.g. {sorted(skipped)[0]}")
+            console.print(f"run directory: {out_dir}")
+        return metrics
+    finally:
+        for handle in (locals().get("jsonl"), locals().get("writer")):
+            if handle is not None:
+                handle.close()
+        barrier()
+        cleanup()
+
+
+def _average_buffers(model: nn.Module, dist: DistInfo) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) across ranks, so that every rank
+    evaluates, and rank 0 saves, the same model. (DDP only broadcasts buffers at the start of a forward, and
+    without SyncBatchNorm each process updates its running statistics from its own batch.)"""
+    if not dist.distributed:
+        return
+    import torch.distributed as tdist
+
+    with torch.no_grad():
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+                buf.div_(dist.world_size)
+
+
+def _gather_rng(dist: DistInfo) -> dict:
+    """Every rank's RNG state, keyed ``rank<i>``, gathered on rank 0."""
+    state = ckpt.rng_state()
+    if not dist.distributed:
+        return {"rank0": state}
+    import torch.distributed as tdist
+
+    states: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(states, state)
+    return {f"rank{i}": s for i, s in enumerate(states)}
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+        log.warning("tensorboard unavailable; metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _write_row(jsonl, writer, step: int, values: dict[str, float]) -> None:
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+    if jsonl is not None:
+        jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        jsonl.flush()
+    if writer is not None:
+        for k, v in clean.items():
+            if v is not None:
+                writer.add_scalar(k, v, step)
+        writer.flush()
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )

@@ -1,0 +1,45 @@
+"""The reproduction experiments under ``conf/experiment`` with their hyperparameters and the paper's numbers."""
+
+from __future__ import annotations
+
+from adapterctl.config import CONFIG_DIR, compose
+
+
+def list_experiments() -> list[dict]:
+    rows = []
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        cfg = compose("train", [f"experiment={path.stem}"])
+        paper = cfg.get("paper") or {}
+        m, o, t, d = cfg.model, cfg.optim, cfg.trainer, cfg.data
+        gpus = int(paper.get("gpus", 1))
+        if "mIoU_ss" in paper:
+            result = f"{paper['mIoU_ss']} / {paper['mIoU_ms']} mIoU (SS/MS)"
+        elif "box_ap" in paper:
+            result = f"{paper['box_ap']} box / {paper['mask_ap']} mask AP"
+        else:
+            result = "-"
+        rows.append(
+            {
+                "name": path.stem,
+                "paper_config": paper.get("config"),
+                "model": cfg.model.get("_target_", "").rsplit(".", 1)[-1] if m.get("vit") is None else m.vit,
+                "size": f"{m.embed_dim}d x {m.depth}",
+                "pretrained": str(m.pretrained).rsplit("/", 1)[-1] if m.pretrained else "-",
+                "img_size": m.img_size,
+                "drop_path_rate": m.drop_path_rate,
+                "deform_num_heads": m.deform_num_heads,
+                "deform_ratio": m.deform_ratio,
+                "with_cp": m.with_cp,
+                "lr": o.lr,
+                "weight_decay": o.weight_decay,
+                "layer_decay_rate": o.layer_decay_rate,
+                "max_iters": t.max_iters,
+                "batch": f"{gpus}x{t.batch_size}",
+                "crop": "x".join(str(c) for c in d.train.crop_size),
+                "test": f"{d.test.mode} {list(d.test.crop_size)}/{list(d.test.stride)}",
+                "amp": t.amp,
+                "paper_result": result,
+                "paper": dict(paper),
+            }
+        )
+    return rows

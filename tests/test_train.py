@@ -1,0 +1,187 @@
+"""The training loop, checkpoints, resume and evaluation from a checkpoint alone, on the tiny synthetic set."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from adapterctl.cli import app
+from adapterctl.config import compose
+from adapterctl.engine import checkpoint as ckpt
+from adapterctl.engine.optim import param_groups, poly_warmup_factor
+from adapterctl.engine.train import TrainingError, run_train
+
+from .conftest import TINY_MODEL, tiny_train_overrides
+
+runner = CliRunner()
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_train_writes_run_directory_and_learns_something(synth_seg, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=4, eval_interval=2)))
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["max_iters"] == 4
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["step"] == 4 and set(metrics) >= {"mIoU", "mAcc", "aAcc", "per_class"}
+    assert metrics["mIoU"] is not None and 0 <= metrics["mIoU"] <= 100
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2, 4]
+    assert (out / "checkpoints" / "final.pt").resolve().name == "iter_0000004.pt"
+    state = ckpt.load_checkpoint(out / "checkpoints" / "iter_0000004.pt")
+    assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "step", "config", "rng"}
+    assert len(_train_losses(out)) == 4
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_sigterm_checkpoints_and_resume_continues_the_same_loss_curve(synth_seg, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run_train(compose("train", tiny_train_overrides(synth_seg, straight, max_iters=4, checkpoint_interval=100)))
+    part = tmp_path / "part"
+    # preemption: SIGTERM arrives during iteration 2; the loop finishes it, checkpoints and returns
+    original_step = torch.optim.lr_scheduler.LambdaLR.step
+    calls = {"n": 0}
+
+    def step_then_signal(self, *a, **k):
+        original_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the constructor steps once; this is iteration 2
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_signal)
+    run_train(compose("train", tiny_train_overrides(synth_seg, part, max_iters=4, checkpoint_interval=100)))
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(part / "checkpoints")] == [2]
+    run_train(compose("train", tiny_train_overrides(synth_seg, part, max_iters=4) + ["resume=true"]))
+    a, b = _train_losses(straight), _train_losses(part)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert math.isclose(a[step], b[step], rel_tol=1e-5), (step, a[step], b[step])
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "ckpts" / "iter_0000001.pt"
+    ckpt.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["iter_0000001.pt"]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(synth_seg, tmp_path, monkeypatch):
+    import adapterctl.models.segmentor as segmentor
+
+    real_ce, calls = segmentor.seg_cross_entropy, {"n": 0}
+
+    def ce_nan_from_iteration_3(*args, **kwargs):  # two heads: calls 5 and 6 are iteration 3
+        calls["n"] += 1
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(segmentor, "seg_cross_entropy", ce_nan_from_iteration_3)
+    cfg = compose("train", tiny_train_overrides(synth_seg, tmp_path / "nan", max_iters=6))
+    with pytest.raises(TrainingError, match=r"non-finite loss at iteration 3 \(loss_decode=nan.*iter_0000002\.pt"):
+        run_train(cfg)
+    found = ckpt.list_checkpoints(tmp_path / "nan" / "checkpoints")
+    assert [s for s, _ in found] == [2]  # the last good checkpoint stays, nothing later was written
+    assert ckpt.load_checkpoint(found[0][1])["step"] == 2
+
+
+def test_eval_from_checkpoint_alone_with_predictions(synth_seg, tmp_path):
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=2)))
+    eval_dir = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            f"ckpt={out / 'checkpoints' / 'final.pt'}",
+            "save_predictions=true",
+            f"paths.output_dir={eval_dir}",
+            "trainer.device=cpu",
+            "mode=slide",
+            "data.test.crop_size=[64,64]",
+            "data.test.stride=[32,32]",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert {"mIoU", "mAcc", "aAcc", "per_class"} <= set(metrics)
+    assert "disc" in metrics["per_class"]
+    from PIL import Image
+
+    preds = sorted((eval_dir / "predictions").glob("*.png"))
+    images = sorted((synth_seg / "images" / "validation").glob("*.jpg"))
+    assert len(preds) == len(images)
+    for p, i in zip(preds, images, strict=True):
+        assert Image.open(p).size == Image.open(i).size  # original size
+        assert max(Image.open(p).getextrema()) <= 8
+
+
+def test_eval_bad_override_and_missing_checkpoint(tmp_path):
+    result = runner.invoke(app, ["eval", f"ckpt={tmp_path / 'nope.pt'}"])
+    assert result.exit_code == 1 and "nope.pt" in result.output
+
+
+def test_train_cli_reports_bad_data_without_traceback(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            *TINY_MODEL,
+            f"data.root={tmp_path / 'missing'}",
+            "trainer.max_iters=1",
+            f"paths.output_dir={tmp_path / 'r'}",
+            "trainer.num_workers=0",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "dataset folder not found" in result.output and "Traceback" not in result.output
+
+
+def test_layer_decay_groups_follow_the_official_constructor():
+    from adapterctl.models.build import build_model
+
+    cfg = compose("train", TINY_MODEL)
+    model = build_model(cfg)
+    groups = param_groups(model, lr=1.0, weight_decay=0.05, layer_decay_rate=0.9)
+    by_name = {n: g for g in groups for n in g["names"]}
+    depth = 4
+    assert math.isclose(by_name["backbone.vit.patch_embed.proj.weight"]["lr"], 0.9 ** (depth + 1))
+    assert math.isclose(by_name["backbone.vit.blocks.0.attn.qkv.weight"]["lr"], 0.9**depth)
+    assert math.isclose(by_name["backbone.vit.blocks.3.mlp.fc1.weight"]["lr"], 0.9)
+    for name in ("backbone.level_embed", "backbone.spm.stem.0.weight", "decode_head.conv_seg.weight"):
+        assert by_name[name]["lr"] == 1.0
+    assert by_name["backbone.vit.blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0
+    assert by_name["backbone.vit.blocks.0.ls1.gamma"]["weight_decay"] == 0.0  # 1-D
+    assert by_name["backbone.vit.pos_embed"]["weight_decay"] == 0.05  # decayed, as in the official configs
+    assert by_name["backbone.level_embed"]["weight_decay"] == 0.05
+    custom = {
+        n: g
+        for g in param_groups(model, 1.0, 0.05, no_decay_keys=["level_embed", "pos_embed"], lr_mult={"head": 10.0})
+        for n in g["names"]
+    }
+    assert custom["backbone.level_embed"]["weight_decay"] == 0.0 and custom["decode_head.conv_seg.weight"]["lr"] == 10
+
+
+def test_poly_schedule_with_warmup_matches_mmcv():
+    assert math.isclose(poly_warmup_factor(0, 100, warmup_iters=10, warmup_ratio=1e-6), 1e-6, rel_tol=1e-3)
+    assert math.isclose(poly_warmup_factor(5, 100, warmup_iters=10, warmup_ratio=0.0), 0.95 * 0.5)
+    assert math.isclose(poly_warmup_factor(50, 100, warmup_iters=10), 0.5)
+    assert poly_warmup_factor(100, 100) == 0.0
