@@ -126,12 +126,16 @@ def _run_guarded(fn, *args):
     from adapterctl.data.ade20k import DataError
     from adapterctl.engine.train import TrainingError
 
+    import os
+
     try:
         return fn(*args)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    except (DataError, TrainingError, FileNotFoundError) as exc:
-        raise _fail(_last_line(exc), code=1) from None
+    except (DataError, TrainingError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("ADAPTERCTL_DEBUG"):
+            raise
+        raise _fail(_last_line(exc) + "  (ADAPTERCTL_DEBUG=1 shows the traceback)", code=1) from None
 
 
 def _last_line(exc: BaseException) -> str:

@@ -17,8 +17,7 @@ runner = CliRunner()
 
 def _official_file(tmp_path, official_tiny):
     sd = {f"backbone.{k}": v for k, v in official_tiny["state_dict"].items()}
-    sd["decode_head.conv_seg.weight"] = torch.zeros(3, 4, 1, 1)
-    sd["decode_head.conv_seg.bias"] = torch.zeros(3)
+    sd["neck.lateral.weight"] = torch.zeros(3, 4, 1, 1)  # a module adapterctl has no place for
     path = tmp_path / "official.pth"
     torch.save({"meta": {"CLASSES": ["a", "b", "c"], "mmcv_version": "1.4.2"}, "state_dict": sd}, path)
     return path
@@ -47,12 +46,12 @@ def test_convert_official_checkpoint_round_trip(tmp_path, official_tiny):
     )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "decode_head.conv_seg.weight" in text and "not converted" in text  # listed, not dropped silently
+    assert "neck.lateral.weight" in text and "not converted" in text  # listed, not dropped silently
     tensors = load_file(str(dst))
     assert len(tensors) == 298 and all(k.startswith("backbone.") for k in tensors)
     with safe_open(str(dst), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "adapterctl" and json.loads(meta["model_config"])["embed_dim"] == 64
+    assert meta["format"] == "adapterctl" and json.loads(meta["config"])["model"]["embed_dim"] == 64
     # the converted weights give the official outputs
     model = from_official(official_tiny["config"]).eval()
     model.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items()})
@@ -73,3 +72,41 @@ def test_convert_wrong_model_is_a_clear_error(tmp_path, official_tiny):
 def test_convert_missing_file(tmp_path):
     result = runner.invoke(app, ["convert", str(tmp_path / "nope.pth"), str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "nope.pth" in result.output
+
+
+def test_convert_official_upernet_checkpoint_reproduces_mmseg_heads(tmp_path):
+    """A full mmseg checkpoint: a 32-d backbone in the official layout + the UperNet/FCN fixture heads."""
+    from adapterctl.engine.checkpoint import load_checkpoint
+    from adapterctl.models.build import build_segmentor
+    from adapterctl.models.official import to_official_backbone
+    from adapterctl.models.zoo import build_vit_adapter
+
+    from .conftest import FIXTURES
+
+    fx = torch.load(FIXTURES / "official_upernet_a.pt", map_location="cpu", weights_only=True)
+    kwargs = dict(img_size=32, embed_dim=32, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2,
+                  interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]])
+    torch.manual_seed(0)
+    backbone = build_vit_adapter(**kwargs)
+    official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
+    official.update(fx["state_dict"])
+    src = tmp_path / "upernet_official.pth"
+    torch.save({"meta": {"CLASSES": list("abcdefg")}, "state_dict": official}, src)
+    dst = tmp_path / "upernet.safetensors"
+    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
+    result = runner.invoke(app, ["convert", str(src), str(dst), *overrides])
+    assert result.exit_code == 0, result.output
+    assert "segmentor" in result.output
+
+    state = load_checkpoint(dst)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(state["config"])
+    assert cfg.head.num_classes == 7 and cfg.head.decode.channels == 16 and cfg.head.auxiliary.channels == 8
+    model = build_segmentor(cfg).eval()
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode_head(fx["inputs"]), fx["decode_logits"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.auxiliary_head(fx["inputs"]), fx["aux_logits"], atol=1e-4, rtol=1e-4)
+    for k, v in backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[k], v)

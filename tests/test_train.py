@@ -185,3 +185,30 @@ def test_poly_schedule_with_warmup_matches_mmcv():
     assert math.isclose(poly_warmup_factor(5, 100, warmup_iters=10, warmup_ratio=0.0), 0.95 * 0.5)
     assert math.isclose(poly_warmup_factor(50, 100, warmup_iters=10), 0.5)
     assert poly_warmup_factor(100, 100) == 0.0
+
+
+def test_bf16_autocast_trains_and_predicts():
+    """The AMP path (bf16 on CPU and GPU): both deformable-sampling forms, fp32 losses."""
+    from adapterctl.models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(compose("train", TINY_MODEL))
+    x, y = torch.rand(2, 3, 64, 64) * 255, torch.randint(0, 8, (2, 64, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+    assert out["loss_decode"].dtype == torch.float32 and torch.isfinite(out["loss_decode"])
+    (out["loss_decode"] + out["loss_aux"]).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32 = model.predict(x)
+    assert fp32.shape == (2, 8, 64, 64) and torch.isfinite(fp32).all()
+
+
+def test_amp_resolution():
+    from adapterctl.engine.train import resolve_amp
+
+    assert resolve_amp("none", torch.device("cpu")) == "none"
+    assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "none")
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
+        resolve_amp("fp16", torch.device("cpu"))

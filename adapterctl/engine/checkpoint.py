@@ -48,9 +48,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (.pt), or a converted model (.safetensors from ``adapterctl convert``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _load_converted(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -80,3 +83,18 @@ def prune_checkpoints(directory: str | Path, keep: int) -> None:
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"iter_{step:07d}.pt"
+
+
+def _load_converted(path: Path) -> dict[str, Any]:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "adapterctl" or "config" not in meta:
+        raise ValueError(f"{path}: not an adapterctl file (convert official checkpoints with `adapterctl convert`)")
+    if meta.get("contents") != "segmentor":
+        raise ValueError(f"{path}: holds a {meta.get('contents', 'backbone')} only; evaluation needs a whole model")
+    return {"model": load_file(str(path)), "config": json.loads(meta["config"]), "step": None}

@@ -52,13 +52,13 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """``auto``: bf16 where the device runs it fast (CUDA with bf16; CPUs whose bf16 matmul beats fp32),
     fp16 on older GPUs, else none."""
     if amp not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"trainer.amp must be auto, bf16, fp16 or none, got {amp!r}")
+        raise TrainingError(f"trainer.amp must be auto, bf16, fp16 or none, got {amp!r}")
     if amp == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_bf16_is_fast() else "none"
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("trainer.amp=fp16 needs a CUDA device (use bf16 on CPU)")
+        raise TrainingError("trainer.amp=fp16 needs a CUDA device (on CPU use trainer.amp=auto, bf16 or none)")
     return amp
 
 

@@ -12,9 +12,15 @@ from adapterctl.models.zoo import _resolve_norm
 
 
 def build_backbone(model_cfg: DictConfig | dict) -> nn.Module:
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(model_cfg, _convert_="all")
+    try:
+        return instantiate(model_cfg, _convert_="all")
+    except InstantiationException as exc:  # surface the builder's own error (missing weights, bad kwarg)
+        if exc.__cause__ is not None:
+            raise exc.__cause__ from None
+        raise
 
 
 def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:

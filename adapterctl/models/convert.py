@@ -1,4 +1,10 @@
-"""``adapterctl convert``: official ViT-Adapter checkpoints -> adapterctl safetensors files."""
+"""``adapterctl convert``: official ViT-Adapter checkpoints -> adapterctl safetensors files.
+
+A backbone-only file, or a full mmseg UperNet checkpoint (``backbone.*`` + ``decode_head.*`` +
+``auxiliary_head.*``): the head modules carry mmseg's names, so their keys map 1:1. The output holds the
+model's tensors and, in its metadata, the composed config, so ``adapterctl eval ckpt=FILE.safetensors`` works
+from it alone.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,28 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import Tensor
+
 from adapterctl.models.official import convert_official_backbone, load_checkpoint_file, unwrap_official
+
+_HEADS = ("decode_head.", "auxiliary_head.")
 
 
 class ConversionError(RuntimeError):
     """The checkpoint does not fit the chosen model."""
+
+
+def _head_overrides(full: dict[str, Tensor]) -> list[str]:
+    """Head widths and class count read off an mmseg UperNet state dict."""
+    out = []
+    seg = full.get("decode_head.conv_seg.weight")
+    if seg is not None:
+        out += [f"head.num_classes={seg.shape[0]}", f"head.decode.channels={seg.shape[1]}",
+                f"data.num_classes={seg.shape[0]}"]
+    aux = full.get("auxiliary_head.conv_seg.weight")
+    if aux is not None:
+        out.append(f"head.auxiliary.channels={aux.shape[1]}")
+    return out
 
 
 def run_convert(
@@ -20,16 +43,16 @@ def run_convert(
     variant: str = "segmentation",
     overrides: Sequence[str] = (),
 ) -> str:
-    """Convert ``src`` for the model config ``conf/model/<model>.yaml`` (+ overrides) and write ``dst``.
+    """Convert ``src`` for ``conf/model/<model>.yaml`` (+ overrides) and write ``dst``; returns a report.
 
-    The output holds the backbone under ``backbone.``; official keys that do not fit are reported. Returns a
-    human-readable report.
+    Official keys that do not fit are listed in the report (and a model tensor without a counterpart is an
+    error), never silently dropped.
     """
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
     from adapterctl.config import compose
+    from adapterctl.models.build import build_backbone, build_segmentor
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -38,37 +61,53 @@ def run_convert(
         raise ValueError(f"output must be a .safetensors file, got {dst}")
     if variant not in ("segmentation", "detection"):
         raise ValueError(f"--variant must be segmentation or detection, got {variant!r}")
-    mode = "per_interaction" if variant == "segmentation" else "final"
-    cfg = compose("train", [f"model={model}", f"model.vit_feature_mode={mode}", *overrides])
-    net = instantiate(cfg.model)
     raw = load_checkpoint_file(str(src))
-    backbone = unwrap_official(raw, prefix="backbone.")
-    conv = convert_official_backbone(backbone, net)
-    missing = sorted(set(net.state_dict()) - set(conv.state_dict))
+    full = unwrap_official(raw, prefix=None)
+    has_heads = variant == "segmentation" and any(k.startswith("decode_head.") for k in full)
+    mode = "per_interaction" if variant == "segmentation" else "final"
+    cfg = compose("train", [f"model={model}", f"model.vit_feature_mode={mode}",
+                            *(_head_overrides(full) if has_heads else []), *overrides])
+    backbone = build_backbone(cfg.model)
+    conv = convert_official_backbone(unwrap_official(raw, prefix="backbone."), backbone)
+    missing = sorted(set(backbone.state_dict()) - set(conv.state_dict))
     if missing:
         raise ConversionError(
             f"{src} does not fit model '{model}': {len(missing)} model tensors have no counterpart "
             f"(first: {missing[:5]}); unconverted checkpoint keys: {conv.unconverted[:10]}"
         )
-    full = unwrap_official(raw, prefix=None)
-    others = sorted(k for k in full if not k.startswith("backbone.")) if len(full) > len(backbone) else []
-    tensors = {f"backbone.{k}": v.contiguous() for k, v in conv.state_dict.items()}
+    tensors = {f"backbone.{k}": v for k, v in conv.state_dict.items()}
+    unconverted = [f"backbone.{k}" for k in conv.unconverted]
+    if has_heads:
+        net = build_segmentor(cfg, backbone=backbone)
+        target = net.state_dict()
+        for key, value in full.items():
+            if not key.startswith(_HEADS):
+                continue
+            if key in target and target[key].shape == value.shape:
+                tensors[key] = value
+            else:
+                unconverted.append(key)
+        lacking = sorted(k for k in target if k.startswith(_HEADS) and k not in tensors)
+        if lacking:
+            raise ConversionError(f"{src}: head tensors missing for this config: {lacking[:5]}")
+    others = sorted(k for k in full if not k.startswith(("backbone.", *(_HEADS if has_heads else ()))))
+    if not any(k.startswith("backbone.") for k in full):
+        others = []  # a bare backbone state dict: every key was offered to the backbone
     meta = {
         "format": "adapterctl",
         "source": str(src),
         "variant": variant,
-        "model_config": json.dumps(OmegaConf.to_container(cfg.model, resolve=True)),
+        "contents": "segmentor" if has_heads else "backbone",
+        "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
     }
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(dst)
-    lines = [f"wrote {len(tensors)} backbone tensors to {dst}"]
-    if conv.unconverted:
-        lines.append(f"backbone keys not converted ({len(conv.unconverted)}): {', '.join(conv.unconverted)}")
+    what = "segmentor (backbone + UperNet + FCN)" if has_heads else "backbone"
+    lines = [f"wrote {len(tensors)} {what} tensors to {dst}"]
+    if unconverted:
+        lines.append(f"keys not converted ({len(unconverted)}): {', '.join(unconverted)}")
     if others:
-        lines.append(
-            f"non-backbone keys not converted ({len(others)}; heads are converted by their own task): "
-            + ", ".join(others)
-        )
+        lines.append(f"keys not converted ({len(others)}; not part of a {variant} {what}): {', '.join(others)}")
     return "\n".join(lines)

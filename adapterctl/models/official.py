@@ -118,6 +118,18 @@ def convert_official_backbone(state_dict: Mapping[str, Tensor], model: nn.Module
     return Conversion(out, unconverted)
 
 
+def to_official_backbone(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`convert_official_backbone`: our backbone keys in the official layout."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^vit\.blocks\.(\d+)\.ls([12])\.gamma$", key)
+        if m:
+            out[f"blocks.{m.group(1)}.gamma{m.group(2)}"] = value
+        else:
+            out[key.removeprefix("vit.")] = value
+    return out
+
+
 def from_official(
     config: Mapping[str, Any],
     state_dict: Mapping[str, Any] | None = None,
