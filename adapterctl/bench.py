@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -60,6 +61,7 @@ def run_bench(
     from rich.table import Table
     from timm.models.vision_transformer import VisionTransformer
 
+    from adapterctl.layers.ms_deform_attn import MSDeformAttn
     from adapterctl.models.summary import count_gflops
     from adapterctl.models.zoo import ENTRY_POINTS, variant_kwargs
 
@@ -83,14 +85,25 @@ def run_bench(
     )
     plain.forward = plain.forward_features  # tokens out, like a dense-prediction trunk
     x = torch.randn(1, 3, input_size, input_size)
-    results: dict[str, float] = {}
+    # the same network with the official pure-PyTorch sampling core: the baseline of the adapter's own cost
+    reference = copy.deepcopy(adapter)
+    for m in reference.modules():
+        if isinstance(m, MSDeformAttn):
+            m.impl = "reference"
+    models = (
+        ("timm ViT", plain),
+        (f"ViT-Adapter-{size.upper()}", adapter),
+        (f"ViT-Adapter-{size.upper()}, official core", reference),
+    )
     rows = []
-    for name, model in (("timm ViT", plain), (f"ViT-Adapter-{size.upper()}", adapter)):
+    for name, model in models:
         gflops = count_gflops(model, input_size)
         fwd, fwd_bwd = time_model(model, x, runs, warmup, dtype)
         rows.append((name, gflops, fwd, fwd_bwd))
-    (pn, pg, pf, pfb), (an, ag, af, afb) = rows
+    (_, pg, pf, pfb), (_, ag, af, afb), (_, _, rf, rfb) = rows
     results = {
+        "reference_forward_s": rf,
+        "reference_forward_backward_s": rfb,
         "plain_forward_s": pf,
         "plain_forward_backward_s": pfb,
         "adapter_forward_s": af,
@@ -107,7 +120,9 @@ def run_bench(
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, g, f, fb in rows:
         table.add_row(name, f"{g:.1f}", f"{f:.3f}", f"{fb:.3f}", f"{g / f:.0f}", f"{3 * g / fb:.0f}")
+    table.add_section()
     table.add_row("ratio adapter / plain", f"{ag / pg:.2f}", f"{af / pf:.2f}", f"{afb / pfb:.2f}", "", "")
+    table.add_row("ratio official core / plain", "", f"{rf / pf:.2f}", f"{rfb / pfb:.2f}", "", "")
     console = Console(width=max(Console().width, 110))
     console.print(table)
     console.print("fwd+bwd GFLOP/s counts backward as 2x forward; grid_sample FLOPs are not counted.")

@@ -122,11 +122,11 @@ def bench(
 
 def _run_guarded(fn, *args):
     """Run a command body; known user errors become one message and a non-zero exit, no traceback."""
+    import os
+
     from adapterctl.config import ConfigError
     from adapterctl.data.ade20k import DataError
     from adapterctl.engine.train import TrainingError
-
-    import os
 
     try:
         return fn(*args)
@@ -166,6 +166,23 @@ def eval_(overrides: Overrides = None) -> None:
     from adapterctl.engine.evaluate import run_eval
 
     _run_guarded(run_eval, overrides or [])
+
+
+@app.command()
+def predict(
+    ckpt: Annotated[
+        Path, typer.Argument(help="Training checkpoint (.pt) or converted model (.safetensors).", show_default=False)
+    ],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
+    mode: Annotated[str | None, typer.Option(help="whole, slide or aug (default: the checkpoint's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Segment images: a palette label PNG and a colour overlay per image, at the original size."""
+    from adapterctl.predict import run_predict
+
+    written = _run_guarded(run_predict, ckpt, inputs, out, mode, device)
+    typer.echo(f"wrote {len(written)} predictions to {out}")
 
 
 @app.command()
@@ -226,17 +243,18 @@ app.add_typer(data_app, name="data")
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    task: Annotated[str, typer.Option(help="seg (ADE20K format).")] = "seg",
+    task: Annotated[str, typer.Option(help="seg (ADE20K format) or det (COCO format).")] = "seg",
     n_train: Annotated[int, typer.Option(help="Training images.")] = 160,
     n_val: Annotated[int, typer.Option(help="Validation images.")] = 40,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write a small synthetic dataset in a real format (the demo's data)."""
-    from adapterctl.data.synthetic import write_seg_dataset
+    from adapterctl.data.synthetic import write_det_dataset, write_seg_dataset
 
-    if task != "seg":
-        raise _fail(f"--task must be 'seg' (detection data arrives with the detection task), got {task!r}")
-    path = write_seg_dataset(out, n_train=n_train, n_val=n_val, seed=seed)
+    writers = {"seg": write_seg_dataset, "det": write_det_dataset}
+    if task not in writers:
+        raise _fail(f"--task must be seg or det, got {task!r}")
+    path = writers[task](out, n_train=n_train, n_val=n_val, seed=seed)
     typer.echo(f"wrote {n_train} training and {n_val} validation images to {path}")
 
 

@@ -84,8 +84,15 @@ def test_convert_official_upernet_checkpoint_reproduces_mmseg_heads(tmp_path):
     from .conftest import FIXTURES
 
     fx = torch.load(FIXTURES / "official_upernet_a.pt", map_location="cpu", weights_only=True)
-    kwargs = dict(img_size=32, embed_dim=32, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2,
-                  interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]])
+    kwargs = dict(
+        img_size=32,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        conv_inplane=8,
+        deform_num_heads=2,
+        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+    )
     torch.manual_seed(0)
     backbone = build_vit_adapter(**kwargs)
     official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}

@@ -30,7 +30,12 @@ def test_experiments_json_lists_every_paper_row_with_its_hyperparameters():
     for name, (lr, wd, ld, dpr, img, ss, ms) in ROWS.items():
         r = rows[name]
         assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"], r["img_size"]) == (
-            lr, wd, ld, dpr, img), name
+            lr,
+            wd,
+            ld,
+            dpr,
+            img,
+        ), name
         assert (r["paper"]["mIoU_ss"], r["paper"]["mIoU_ms"]) == (ss, ms)
         assert r["batch"] == "8x2" and r["crop"] == "512x512" and r["max_iters"] == 160000
         assert r["test"] == "slide [512, 512]/[341, 341]"
@@ -53,8 +58,16 @@ def test_makefile_has_a_target_per_row():
 def test_a_paper_row_starts_and_stops_on_missing_weights(tmp_path, monkeypatch):
     """Without the pretrained file the run stops at once, naming it (no GPU, no ADE20K here)."""
     monkeypatch.setenv("ADAPTERCTL_PRETRAINED", str(tmp_path / "weights"))
-    result = runner.invoke(app, ["train", "experiment=ade20k_upernet_vit_adapter_t", "trainer.device=cpu", "trainer.amp=none",
-                                 f"paths.output_dir={tmp_path / 'run'}"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "experiment=ade20k_upernet_vit_adapter_t",
+            "trainer.device=cpu",
+            "trainer.amp=none",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ],
+    )
     assert result.exit_code == 1
     assert "deit_tiny_patch16_224-a1311bcf.pth" in result.output and "Traceback" not in result.output
     assert (tmp_path / "run" / "config.yaml").is_file()

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapterctl.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_gather
+from adapterctl.layers.ms_deform_attn import (
+    MSDeformAttn,
+    ms_deform_attn_core,
+    ms_deform_attn_core_gather,
+    ms_deform_attn_core_reference,
+)
 
 
 def _official_core(value, shapes, locations, weights):
@@ -35,7 +40,7 @@ def _inputs(n=2, lq=30, m=3, d=8, shapes=((6, 5), (3, 4), (2, 2)), points=4, see
     return value, list(shapes), loc, w / w.sum((-1, -2), keepdim=True)
 
 
-@pytest.mark.parametrize("core", [ms_deform_attn_core, ms_deform_attn_core_gather])
+@pytest.mark.parametrize("core", [ms_deform_attn_core, ms_deform_attn_core_gather, ms_deform_attn_core_reference])
 def test_cores_match_official_reference(core):
     value, shapes, loc, w = _inputs()
     torch.testing.assert_close(core(value, shapes, loc, w), _official_core(value, shapes, loc, w), atol=1e-5, rtol=1e-5)

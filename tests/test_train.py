@@ -212,3 +212,31 @@ def test_amp_resolution():
     assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "none")
     with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
         resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_predict_writes_label_maps_and_overlays(synth_seg, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=2)))
+    images = synth_seg / "images" / "validation"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(out / "checkpoints" / "final.pt"),
+            str(images),
+            "--out",
+            str(tmp_path / "pred"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for img in sorted(images.glob("*.jpg")):
+        label = Image.open(tmp_path / "pred" / f"{img.stem}.png")
+        assert label.size == Image.open(img).size and label.mode == "P"
+        assert max(label.getextrema()) < 8
+        assert (tmp_path / "pred" / f"{img.stem}_overlay.jpg").is_file()
+    missing = runner.invoke(app, ["predict", str(out / "checkpoints" / "final.pt"), str(tmp_path / "nope.jpg")])
+    assert missing.exit_code == 1 and "nope.jpg" in missing.output

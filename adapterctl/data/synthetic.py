@@ -104,3 +104,106 @@ def write_seg_dataset(
             Image.fromarray(label, mode="L").save(ann_dir / f"{name}.png")
     (out / "classes.txt").write_text("\n".join(SEG_CLASSES) + "\n")
     return out
+
+
+DET_CATEGORIES = ((1, "disc"), (3, "square"), (7, "triangle"), (12, "ring"))  # non-contiguous ids on purpose
+_DET_COLOURS = {1: (220, 60, 50), 3: (50, 90, 210), 7: (35, 35, 35), 12: (40, 190, 180)}
+
+
+def _polygon_of(kind: str, cy: float, cx: float, r: float) -> list[float]:
+    if kind == "square":
+        pts = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    else:  # triangle
+        pts = [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    return [float(v) for p in pts for v in p]
+
+
+def write_det_dataset(
+    out: str | Path, n_train: int = 120, n_val: int = 30, seed: int = 0, size_range: tuple[int, int] = (160, 256)
+) -> Path:
+    """Write a COCO-format synthetic dataset: ``{train,val}/*.jpg`` and ``annotations/instances_{split}.json``.
+
+    Squares and triangles carry polygon masks, discs and rings RLE masks; some images hold a crowd region
+    (``iscrowd=1``, RLE) and some hold no object at all.
+    """
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i, "name": n, "supercategory": "shape"} for i, n in DET_CATEGORIES]
+    ann_id = 1
+    for split, n in (("train", n_train), ("val", n_val)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(n):
+            h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
+            img = np.asarray(_COLOURS[0], np.float32) + 25 * _texture(0, h, w, rng)[..., None]
+            img_id = i + 1
+            n_obj = 0 if rng.random() < 0.1 else int(rng.integers(1, 5))
+            for _ in range(n_obj):
+                cat_id, _name = DET_CATEGORIES[int(rng.integers(len(DET_CATEGORIES)))]
+                r = float(rng.uniform(0.08, 0.2) * min(h, w))
+                cy, cx = float(rng.uniform(r, h - r)), float(rng.uniform(r, w - r))
+                kind = dict(DET_CATEGORIES)[cat_id]
+                if kind in ("square", "triangle"):
+                    poly = _polygon_of(kind, cy, cx, r)
+                    mask = mask_utils.decode(mask_utils.frPyObjects([poly], h, w))[..., 0]
+                    segmentation: object = [poly]
+                else:
+                    yy, xx = np.mgrid[0:h, 0:w]
+                    d = (yy - cy) ** 2 + (xx - cx) ** 2
+                    mask = ((d < r**2) & ((kind == "disc") | (d > (0.55 * r) ** 2))).astype(np.uint8)
+                    rle = mask_utils.encode(np.asfortranarray(mask))
+                    segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                if mask.sum() < 4:
+                    continue
+                colour = np.asarray(_DET_COLOURS[cat_id], np.float32) + rng.normal(0, 10, 3)
+                img[mask.astype(bool)] = colour
+                x0, y0, bw, bh = mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask))).tolist()
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": img_id,
+                        "category_id": cat_id,
+                        "iscrowd": 0,
+                        "bbox": [x0, y0, bw, bh],
+                        "area": float(mask.sum()),
+                        "segmentation": segmentation,
+                    }
+                )
+                ann_id += 1
+            if n_obj and rng.random() < 0.15:  # a crowd of small discs, marked iscrowd with one RLE
+                crowd = np.zeros((h, w), np.uint8)
+                for _ in range(5):
+                    y, x = int(rng.integers(5, h - 5)), int(rng.integers(5, w - 5))
+                    crowd[y - 3 : y + 3, x - 3 : x + 3] = 1
+                img[crowd.astype(bool)] = _DET_COLOURS[1]
+                rle = mask_utils.encode(np.asfortranarray(crowd))
+                x0, y0, bw, bh = mask_utils.toBbox(rle).tolist()
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": img_id,
+                        "category_id": 1,
+                        "iscrowd": 1,
+                        "bbox": [x0, y0, bw, bh],
+                        "area": float(crowd.sum()),
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    }
+                )
+                ann_id += 1
+            img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+            name = f"synth_{split}_{i:05d}.jpg"
+            Image.fromarray(img).save(out / split / name, quality=95)
+            images.append({"id": img_id, "file_name": name, "height": h, "width": w})
+        coco = {
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+            "info": {"description": "adapterctl synthetic COCO-format shapes"},
+        }
+        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+    return out

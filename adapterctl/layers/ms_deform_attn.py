@@ -104,7 +104,33 @@ def ms_deform_attn_core_gather(
     return out.view(n, lq, m * d)  # rows were (N, Lq, M): already in output order
 
 
-CORE_IMPLS = {"gather": ms_deform_attn_core_gather, "grid_sample": ms_deform_attn_core}
+def ms_deform_attn_core_reference(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The official pure-PyTorch core (``ms_deform_attn_core_pytorch``): every level sampled, stacked, then
+    weighted and summed in one go. Kept as the baseline of ``adapterctl bench``; slower than both forms above."""
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    samples = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        value_l = values[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        samples.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
+    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
+    return out.transpose(1, 2).contiguous()
+
+
+CORE_IMPLS = {
+    "gather": ms_deform_attn_core_gather,
+    "grid_sample": ms_deform_attn_core,
+    "reference": ms_deform_attn_core_reference,
+}
 
 
 class MSDeformAttn(nn.Module):
@@ -118,7 +144,8 @@ class MSDeformAttn(nn.Module):
         ratio: value/output projection width as a fraction of ``d_model``.
         impl: ``"auto"`` (default: ``"gather"`` without autograd, ``"grid_sample"`` with it), ``"gather"``
             (one fused weighted gather: the fastest forward on CPU) or ``"grid_sample"`` (the reference form,
-            whose fused backward beats the gather's scatter-add backward). All compute the same function.
+            whose fused backward beats the gather's scatter-add backward) or ``"reference"`` (the official
+            stacked form, for comparison). All compute the same function.
     """
 
     def __init__(

@@ -28,8 +28,11 @@ def _head_overrides(full: dict[str, Tensor]) -> list[str]:
     out = []
     seg = full.get("decode_head.conv_seg.weight")
     if seg is not None:
-        out += [f"head.num_classes={seg.shape[0]}", f"head.decode.channels={seg.shape[1]}",
-                f"data.num_classes={seg.shape[0]}"]
+        out += [
+            f"head.num_classes={seg.shape[0]}",
+            f"head.decode.channels={seg.shape[1]}",
+            f"data.num_classes={seg.shape[0]}",
+        ]
     aux = full.get("auxiliary_head.conv_seg.weight")
     if aux is not None:
         out.append(f"head.auxiliary.channels={aux.shape[1]}")
@@ -65,8 +68,10 @@ def run_convert(
     full = unwrap_official(raw, prefix=None)
     has_heads = variant == "segmentation" and any(k.startswith("decode_head.") for k in full)
     mode = "per_interaction" if variant == "segmentation" else "final"
-    cfg = compose("train", [f"model={model}", f"model.vit_feature_mode={mode}",
-                            *(_head_overrides(full) if has_heads else []), *overrides])
+    cfg = compose(
+        "train",
+        [f"model={model}", f"model.vit_feature_mode={mode}", *(_head_overrides(full) if has_heads else []), *overrides],
+    )
     backbone = build_backbone(cfg.model)
     conv = convert_official_backbone(unwrap_official(raw, prefix="backbone."), backbone)
     missing = sorted(set(backbone.state_dict()) - set(conv.state_dict))

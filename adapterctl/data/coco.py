@@ -1,0 +1,168 @@
+"""COCO-format detection / instance segmentation data through pycocotools.
+
+Category ids map to contiguous labels 1..K (0 is torchvision's background) and back. Polygons and RLE masks
+decode to binary masks; ``iscrowd`` regions are kept for evaluation and left out of training targets; images
+without annotations are kept for evaluation and skipped in training, as mmdet does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from adapterctl.data.ade20k import DataError, load_image
+
+log = logging.getLogger(__name__)
+
+
+def load_coco(ann_file: str | Path):
+    """A pycocotools COCO index, with a clear error for a missing or malformed file."""
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise DataError(f"annotation file not found: {ann_file}")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{ann_file}: not valid JSON ({exc})") from None
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DataError(f"{ann_file}: not a COCO file (no '{key}' list)")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+class LabelMap:
+    """COCO category ids <-> contiguous labels 1..K (0 = background)."""
+
+    def __init__(self, cat_ids: Sequence[int], names: Sequence[str]) -> None:
+        self.cat_ids = list(cat_ids)
+        self.names = list(names)
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+
+    @classmethod
+    def from_coco(cls, coco) -> LabelMap:
+        cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
+        return cls([c["id"] for c in cats], [c["name"] for c in cats])
+
+    def to_label(self, cat_id: int) -> int:
+        return self.cat_to_label[cat_id]
+
+    def to_cat(self, label: int) -> int:
+        return self.cat_ids[label - 1]
+
+    def __len__(self) -> int:
+        return len(self.cat_ids)
+
+
+def ann_to_mask(coco, ann: dict, h: int, w: int) -> np.ndarray:
+    """Polygon(s), uncompressed RLE or compressed RLE -> (h, w) uint8 mask."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        rles = mask_utils.frPyObjects(seg, h, w)
+        rle = mask_utils.merge(rles)
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle)
+
+
+class CocoDetection(Dataset):
+    """Images and instance targets from a COCO JSON.
+
+    Args:
+        img_dir: folder of the image files (``file_name`` is relative to it).
+        ann_file: the COCO JSON.
+        train: drop images without (non-crowd) annotations and crowd regions from the targets.
+        with_masks: decode instance masks.
+        on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip``.
+    """
+
+    def __init__(
+        self,
+        img_dir: str | Path,
+        ann_file: str | Path,
+        train: bool = False,
+        with_masks: bool = True,
+        on_bad_sample: str = "error",
+    ) -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.img_dir = Path(img_dir)
+        self.ann_file = Path(ann_file)
+        self.coco = load_coco(ann_file)
+        self.labels = LabelMap.from_coco(self.coco)
+        self.train = train
+        self.with_masks = with_masks
+        self.on_bad_sample = on_bad_sample
+        self.skipped: list[str] = []
+        ids = sorted(self.coco.getImgIds())
+        kept = []
+        for img_id in ids:
+            problem = self._check(img_id)
+            if problem:
+                if on_bad_sample == "error":
+                    raise DataError(problem)
+                self.skipped.append(problem)
+                continue
+            if train and not any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(img_id, [])):
+                continue  # no objects to learn from (mmdet's filter_empty_gt)
+            kept.append(img_id)
+        if self.skipped:
+            log.warning("skipping %d bad images or annotations, e.g. %s", len(self.skipped), self.skipped[0])
+        self.ids = kept
+
+    def _check(self, img_id: int) -> str | None:
+        info = self.coco.imgs[img_id]
+        path = self.img_dir / info["file_name"]
+        if not path.is_file():
+            return f"{self.ann_file}: image {img_id} ({info['file_name']}) not found in {self.img_dir}"
+        for ann in self.coco.imgToAnns.get(img_id, []):
+            where = f"{self.ann_file}: annotation {ann.get('id')} of image {img_id} ({info['file_name']})"
+            if ann.get("category_id") not in self.labels.cat_to_label:
+                return f"{where}: unknown category_id {ann.get('category_id')}"
+            bbox = ann.get("bbox")
+            if not bbox or len(bbox) != 4 or bbox[2] <= 0 or bbox[3] <= 0:
+                return f"{where}: box {bbox} has no area (expected [x, y, w, h] with w, h > 0)"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        img_id = self.ids[index]
+        info = self.coco.imgs[img_id]
+        image = load_image(self.img_dir / info["file_name"])
+        h, w = image.shape[-2:]
+        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not (self.train and a.get("iscrowd", 0))]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        target = {
+            "image_id": img_id,
+            "boxes": boxes,
+            "labels": torch.tensor([self.labels.to_label(a["category_id"]) for a in anns], dtype=torch.int64),
+            "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
+            "area": torch.tensor([a.get("area", 0.0) for a in anns], dtype=torch.float32),
+        }
+        if self.with_masks:
+            masks = [ann_to_mask(self.coco, a, h, w) for a in anns]
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        return {"image": image, "target": target, "ori_size": (h, w), "path": str(self.img_dir / info["file_name"])}

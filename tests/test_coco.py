@@ -1,0 +1,163 @@
+"""COCO data and evaluation: label mapping, crowd and empty images, bad annotations, COCOeval parity."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from adapterctl.data.ade20k import DataError
+from adapterctl.data.coco import CocoDetection, LabelMap, load_coco
+from adapterctl.engine.coco_eval import CocoEvaluator
+
+
+@pytest.fixture(scope="module")
+def synth_det(tmp_path_factory):
+    from adapterctl.data.synthetic import write_det_dataset
+
+    return write_det_dataset(tmp_path_factory.mktemp("synth_det"), n_train=30, n_val=12, seed=3)
+
+
+def test_label_mapping_round_trip(synth_det):
+    coco = load_coco(synth_det / "annotations" / "instances_val.json")
+    labels = LabelMap.from_coco(coco)
+    assert labels.cat_ids == [1, 3, 7, 12] and labels.names == ["disc", "square", "triangle", "ring"]
+    for cat in labels.cat_ids:
+        assert labels.to_cat(labels.to_label(cat)) == cat
+    assert [labels.to_label(c) for c in labels.cat_ids] == [1, 2, 3, 4]  # 0 is the background
+
+
+def test_crowd_and_empty_images(synth_det):
+    ann = synth_det / "annotations" / "instances_train.json"
+    data = json.loads(ann.read_text())
+    crowd_imgs = {a["image_id"] for a in data["annotations"] if a["iscrowd"]}
+    empty = {i["id"] for i in data["images"]} - {a["image_id"] for a in data["annotations"]}
+    assert crowd_imgs and empty, "the generator must make crowd regions and empty images"
+    train = CocoDetection(synth_det / "train", ann, train=True)
+    full = CocoDetection(synth_det / "train", ann, train=False)
+    assert not empty & set(train.ids) and empty <= set(full.ids)  # empty: evaluation only
+    idx = train.ids.index(sorted(crowd_imgs)[0])
+    t_train, t_full = train[idx]["target"], full[full.ids.index(train.ids[idx])]["target"]
+    assert (t_train["iscrowd"] == 0).all() and (t_full["iscrowd"] == 1).any()
+    assert t_full["masks"].shape[0] == t_full["boxes"].shape[0]
+    # polygons and RLE both decode: mask areas equal the annotated areas
+    torch.testing.assert_close(t_full["masks"].sum((1, 2)).float(), t_full["area"])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["annotations"][0].update(bbox=[5, 5, 0, 10]), r"annotation \d+ of image \d+ .*has no area"),
+        (lambda d: d["annotations"][0].update(category_id=99), "unknown category_id 99"),
+        (lambda d: d["images"][0].update(file_name="missing.jpg"), r"missing\.jpg\) not found"),
+    ],
+)
+def test_bad_annotations_are_named_or_skipped(synth_det, tmp_path, mutate, message):
+    data = json.loads((synth_det / "annotations" / "instances_val.json").read_text())
+    first_img = data["annotations"][0]["image_id"]
+    data["images"] = sorted(data["images"], key=lambda i: i["id"] != first_img)
+    mutate(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message):
+        CocoDetection(synth_det / "val", bad)
+    lenient = CocoDetection(synth_det / "val", bad, on_bad_sample="skip")
+    assert len(lenient.skipped) == 1 and len(lenient) == len(data["images"]) - 1
+
+
+def test_malformed_json_is_named(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"x\.json: not valid JSON"):
+        load_coco(tmp_path / "x.json")
+
+
+def _noisy_predictions(ds, rng):
+    """Ground truth with jitter, lower scores and false positives: a non-trivial AP."""
+    out = []
+    for i in range(len(ds)):
+        s = ds[i]
+        t = s["target"]
+        keep = t["iscrowd"] == 0
+        boxes = t["boxes"][keep] + torch.from_numpy(rng.normal(0, 3, (int(keep.sum()), 4))).float()
+        shift = [int(v) for v in rng.integers(-3, 4, size=2)]
+        masks = torch.roll(t["masks"][keep], shifts=shift, dims=(1, 2))
+        scores = torch.from_numpy(rng.uniform(0.3, 1.0, len(boxes))).float()
+        labels = t["labels"][keep]
+        h, w = s["ori_size"]
+        fp_box = torch.tensor([[10.0, 10.0, 60.0, 50.0]])
+        fp_mask = torch.zeros(1, h, w, dtype=torch.uint8)
+        fp_mask[:, 10:50, 10:60] = 1
+        out.append(
+            (
+                t["image_id"],
+                torch.cat([boxes, fp_box]),
+                torch.cat([scores, torch.tensor([0.2])]),
+                torch.cat([labels, torch.tensor([1])]),
+                torch.cat([masks, fp_mask]),
+            )
+        )
+    return out
+
+
+def test_evaluator_equals_direct_cocoeval_on_the_written_json(synth_det, tmp_path):
+    from pycocotools.cocoeval import COCOeval
+
+    ds = CocoDetection(synth_det / "val", synth_det / "annotations" / "instances_val.json")
+    ev = CocoEvaluator(ds.coco, ds.labels)
+    for args in _noisy_predictions(ds, np.random.default_rng(0)):
+        ev.update(*args)
+    results_file = tmp_path / "results.json"
+    metrics = ev.compute(results_file)
+    rows = json.loads(results_file.read_text())
+    assert {r["category_id"] for r in rows} <= {1, 3, 7, 12} and all(len(r["bbox"]) == 4 for r in rows)
+    for iou_type in ("bbox", "segm"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = load_coco(synth_det / "annotations" / "instances_val.json")
+            direct = COCOeval(gt, gt.loadRes(str(results_file)), iou_type)
+            direct.evaluate()
+            direct.accumulate()
+            direct.summarize()
+        for name, value in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), direct.stats[:6], strict=True):
+            got = metrics[f"{iou_type}_{name}"]
+            assert (got is None and value < 0) or abs(got - 100 * value) < 1e-3, (iou_type, name, got, value)
+    assert 20 < metrics["bbox_AP"] < 100 and 20 < metrics["segm_AP"] < 100
+
+
+def test_perfect_predictions_score_100(synth_det, tmp_path):
+    ds = CocoDetection(synth_det / "val", synth_det / "annotations" / "instances_val.json")
+    ev = CocoEvaluator(ds.coco, ds.labels)
+    for i in range(len(ds)):
+        t = ds[i]["target"]
+        keep = t["iscrowd"] == 0
+        ev.update(t["image_id"], t["boxes"][keep], torch.ones(int(keep.sum())), t["labels"][keep], t["masks"][keep])
+    metrics = ev.compute()
+    assert metrics["bbox_AP"] > 99.0 and metrics["segm_AP"] > 99.0
+
+
+def test_no_detections_gives_zero_not_a_crash(synth_det):
+    ds = CocoDetection(synth_det / "val", synth_det / "annotations" / "instances_val.json")
+    assert CocoEvaluator(ds.coco, ds.labels).compute()["bbox_AP"] == 0.0
+
+
+def test_synthetic_writer_makes_polygons_and_rle(synth_det, tmp_path):
+    data = json.loads((synth_det / "annotations" / "instances_train.json").read_text())
+    kinds = {type(a["segmentation"]).__name__ for a in data["annotations"]}
+    assert kinds == {"list", "dict"}
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_cli_synth_det(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterctl.cli import app
+
+    result = CliRunner().invoke(
+        app, ["data", "synth", "--task", "det", "--out", str(tmp_path / "d"), "--n-train", "3", "--n-val", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "d" / "annotations" / "instances_val.json").read_text())["images"]) == 2
