@@ -168,6 +168,15 @@ def eval_(overrides: Overrides = None) -> None:
     _run_guarded(run_eval, overrides or [])
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export(overrides: Overrides = None) -> None:
+    """Export a checkpoint: `adapterctl export ckpt=PATH [format=onnx|torch_export|torchscript]
+    [input_size=[512,512]]`, checked against eager PyTorch."""
+    from adapterctl.export import run_export
+
+    typer.echo(_run_guarded(run_export, overrides or []))
+
+
 @app.command()
 def predict(
     ckpt: Annotated[

@@ -240,3 +240,30 @@ def test_predict_writes_label_maps_and_overlays(synth_seg, tmp_path):
         assert (tmp_path / "pred" / f"{img.stem}_overlay.jpg").is_file()
     missing = runner.invoke(app, ["predict", str(out / "checkpoints" / "final.pt"), str(tmp_path / "nope.jpg")])
     assert missing.exit_code == 1 and "nope.jpg" in missing.output
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch_export", "torchscript"])
+def test_export_matches_eager(synth_seg, tmp_path, fmt):
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=2, checkpoint_interval=100)))
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            f"ckpt={out / 'checkpoints' / 'final.pt'}",
+            f"format={fmt}",
+            "input_size=[64,96]",
+            f"paths.output_dir={tmp_path / 'exp'}",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "parity with eager" in result.output and "argmax agreement 100.00%" in result.output
+    suffix = {"onnx": ".onnx", "torch_export": ".pt2", "torchscript": ".ts"}[fmt]
+    assert (tmp_path / "exp" / f"final_64x96{suffix}").is_file()
+
+
+def test_export_rejects_bad_size(synth_seg, tmp_path):
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=2, checkpoint_interval=100)))
+    result = runner.invoke(app, ["export", f"ckpt={out / 'checkpoints' / 'final.pt'}", "input_size=[60,96]"])
+    assert result.exit_code == 1 and "multiples of 32" in result.output

@@ -135,10 +135,10 @@ def metrics_table(metrics: dict, title: str = "Segmentation"):
 EVAL_KEYS = ("ckpt", "save_predictions", "mode", "paths", "trainer")
 
 
-def eval_config(overrides: Sequence[str]):
-    """Compose ``eval.yaml`` with the eval-level overrides and merge the rest into the checkpoint's config.
+def eval_config(overrides: Sequence[str], config_name: str = "eval", own_keys: Sequence[str] = EVAL_KEYS):
+    """Compose ``<config_name>.yaml`` with its own overrides and merge the rest into the checkpoint's config.
 
-    Returns ``(eval_cfg, model_cfg, state)``: the model is rebuilt from the config stored in the checkpoint.
+    Returns ``(command_cfg, model_cfg, state)``: the model is rebuilt from the config stored in the checkpoint.
     """
     import yaml
     from omegaconf import OmegaConf
@@ -146,9 +146,9 @@ def eval_config(overrides: Sequence[str]):
     from adapterctl.config import ConfigError, compose
     from adapterctl.engine.checkpoint import load_checkpoint
 
-    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+").split(".")[0] in EVAL_KEYS]
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+").split(".")[0] in own_keys]
     rest = [o for o in overrides if o not in own]
-    ecfg = compose("eval", own)
+    ecfg = compose(config_name, own)
     state = load_checkpoint(str(ecfg.ckpt))
     if "config" not in state or "model" not in state:
         raise ConfigError(f"{ecfg.ckpt}: not an adapterctl training checkpoint (no stored config or model)")
