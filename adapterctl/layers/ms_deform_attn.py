@@ -69,30 +69,44 @@ def ms_deform_attn_core_gather(
     n, len_in, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     device, dtype = value.device, sampling_locations.dtype
+    if n * m * len_in >= 2**31:
+        raise ValueError(f"value has {n * m * len_in} rows: too many for int32 gather indices")
     starts, start = [], 0
     for h, w in spatial_shapes:
         starts.append(start)
         start += h * w
-    heights = torch.tensor([h for h, _ in spatial_shapes], device=device).view(n_levels, 1)
-    widths = torch.tensor([w for _, w in spatial_shapes], device=device).view(n_levels, 1)
-    level_start = torch.tensor(starts, device=device).view(n_levels, 1, 1)
+    i32 = torch.int32
+    heights = torch.tensor([h for h, _ in spatial_shapes], device=device, dtype=i32).view(n_levels, 1)
+    widths = torch.tensor([w for _, w in spatial_shapes], device=device, dtype=i32).view(n_levels, 1)
+    # flat row of each (batch, head, level) origin: ((b * M + h) * Len_in + level_start); N, 1, M, L, 1
+    origin = torch.tensor(starts, device=device, dtype=i32).view(1, 1, 1, n_levels, 1) + len_in * (
+        torch.arange(n * m, device=device, dtype=i32).view(n, 1, m, 1, 1)
+    )
     # pixel coordinates with align_corners=False: loc * size - 0.5; shapes N, Lq, M, L, P
     x = sampling_locations[..., 0] * widths.to(dtype) - 0.5
     y = sampling_locations[..., 1] * heights.to(dtype) - 0.5
     x0f, y0f = x.floor(), y.floor()
     fx, fy = x - x0f, y - y0f
-    x0, y0 = x0f.long(), y0f.long()
-    # corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) on a last axis of 4
-    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)
-    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    x0, y0 = x0f.to(i32), y0f.to(i32)
+    # validity of the left/right columns and top/bottom rows (zero padding outside the map)
+    vx0, vx1 = (x0 >= 0) & (x0 < widths), (x0 >= -1) & (x0 < widths - 1)
+    vy0, vy1 = (y0 >= 0) & (y0 < heights), (y0 >= -1) & (y0 < heights - 1)
     gx, gy = 1 - fx, 1 - fy
-    corner_w = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], -1)
-    inside = (cx >= 0) & (cx < widths[..., None]) & (cy >= 0) & (cy < heights[..., None])
-    weights = corner_w * attention_weights[..., None] * inside
-    head = torch.arange(m, device=device).view(1, 1, m, 1, 1, 1)
-    batch = torch.arange(n, device=device).view(n, 1, 1, 1, 1, 1)
-    rows = (batch * m + head) * len_in + level_start + cy * widths[..., None] + cx
-    rows = torch.where(inside, rows, torch.zeros_like(rows))
+    attn = attention_weights
+    # corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) on a last axis of 4, invalid ones weighted 0
+    weights = torch.stack(
+        [
+            gx * gy * attn * (vx0 & vy0),
+            fx * gy * attn * (vx1 & vy0),
+            gx * fy * attn * (vx0 & vy1),
+            fx * fy * attn * (vx1 & vy1),
+        ],
+        -1,
+    )
+    top_left = origin + y0 * widths + x0
+    corner_offsets = torch.stack([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], -1)
+    rows = top_left[..., None] + corner_offsets.view(1, 1, 1, n_levels, 1, 4)
+    rows = rows.clamp_(0, n * m * len_in - 1)  # out-of-map corners carry weight 0; any valid row will do
     value_rows = value.permute(0, 2, 1, 3).reshape(n * m * len_in, d)  # one row per (batch, head, position)
     k = n_levels * n_points * 4
     out = F.embedding_bag(
