@@ -1,0 +1,389 @@
+"""Mask R-CNN on ViT-Adapter: torchvision's ``MaskRCNN``, configured and subclassed to compute what mmdet 2.22
+computed in the official experiments (heads.md §3-5).
+
+What differs from torchvision's defaults, and where it is fixed here:
+- anchors: no rounding of the base anchors, fixed strides 4..64 (P6 at 64)          -> ``MMAnchorGenerator``
+- RoIAlign: ``aligned=True``, ``sampling_ratio=0``, fixed 1/stride scales            -> ``MMRoIAlign``
+- box deltas clamped on both sides                                                   -> ``MMBoxCoder``
+- L1 box losses (RPN and RoI), binarised ``aligned`` mask targets                    -> ``MMRPN``, ``MMRoIHeads``
+- 1000 proposals after NMS in training; no internal resize (the data pipeline resizes with mmdet's rounding);
+  masks pasted with float boxes and ``grid_sample``, thresholded at 0.5              -> ``MMTransform``
+Everything else (RoIAlign, NMS, anchor grids, box coding, samplers) is torchvision's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
+
+FPN_STRIDES = (4, 8, 16, 32, 64)
+
+
+class MMAnchorGenerator(AnchorGenerator):
+    """mmdet's anchors: unrounded base anchors, strides fixed per level (not inferred from the padded size)."""
+
+    def __init__(
+        self,
+        sizes: Sequence[Sequence[int]],
+        aspect_ratios: Sequence[Sequence[float]],
+        strides: Sequence[int] = FPN_STRIDES,
+    ) -> None:
+        super().__init__(tuple(tuple(s) for s in sizes), tuple(tuple(a) for a in aspect_ratios))
+        self.strides = [int(s) for s in strides]
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        device = feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides[: len(grid_sizes)]]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
+
+
+class MMRoIAlign(MultiScaleRoIAlign):
+    """Multi-level RoIAlign with ``aligned=True``, ``sampling_ratio=0`` and fixed scales 1/stride."""
+
+    def __init__(self, featmap_names: Sequence[str], output_size: int, strides: Sequence[int] = (4, 8, 16, 32)) -> None:
+        super().__init__(list(featmap_names), output_size, sampling_ratio=0)
+        self.scales = [1.0 / s for s in strides]
+        levels = [int(math.log2(s)) for s in strides]
+        # mmdet finest_scale=56: thresholds 112/224/448, as torchvision's canonical 224 at level 4
+        self.map_levels = LevelMapper(levels[0], levels[-1], canonical_scale=224, canonical_level=4, eps=1e-6)
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        feats = [v for k, v in x.items() if k in self.featmap_names]
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
+        for lvl, (feat, scale) in enumerate(zip(feats, self.scales, strict=True)):
+            idx = torch.where(levels == lvl)[0]
+            if idx.numel():
+                pooled = roi_align(feat, rois[idx], self.output_size, scale, sampling_ratio=0, aligned=True)
+                out[idx] = pooled.to(out.dtype)
+        return out
+
+
+class MMBoxCoder(det_utils.BoxCoder):
+    """Delta decoding with dw/dh clamped to +-log(1000/16) (mmdet's ``max_ratio``), not only from above."""
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        clip, w = self.bbox_xform_clip, self.weights
+        rel = rel_codes.clone()
+        rel[:, 2::4] = rel[:, 2::4].clamp(min=-clip * w[2])
+        rel[:, 3::4] = rel[:, 3::4].clamp(min=-clip * w[3])
+        return super().decode_single(rel, boxes)
+
+
+class MMRPN(RegionProposalNetwork):
+    """RPN with mmdet's L1 box loss (torchvision uses smooth L1 with beta 1/9)."""
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        pos, neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos))[0]
+        neg = torch.where(torch.cat(neg))[0]
+        sampled = torch.cat([pos, neg])
+        labels_all = torch.cat(labels)
+        targets = torch.cat(regression_targets)
+        box_loss = F.l1_loss(pred_bbox_deltas[pos], targets[pos], reduction="sum") / sampled.numel()
+        obj_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels_all[sampled])
+        return obj_loss, box_loss
+
+
+def _mask_targets(gt_masks: Tensor, boxes: Tensor, matched: Tensor, size: int) -> Tensor:
+    """mmdet mask targets: aligned RoIAlign of the GT masks on the proposals, binarised at 0.5."""
+    h, w = gt_masks.shape[-2:]
+    b = boxes.clone()
+    b[:, 0::2] = b[:, 0::2].clamp(0, w)
+    b[:, 1::2] = b[:, 1::2].clamp(0, h)
+    rois = torch.cat([matched[:, None].to(b), b], dim=1)
+    t = roi_align(gt_masks[:, None].to(b), rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return (t[:, 0] >= 0.5).to(b.dtype)
+
+
+class MMRoIHeads(RoIHeads):
+    """RoI heads whose training losses are mmdet's (L1 box loss over all sampled RoIs, binarised mask targets);
+    inference is torchvision's."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self.box_predictor(
+            self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        )
+        labels_all = torch.cat(labels)
+        targets_all = torch.cat(regression_targets)
+        loss_cls = F.cross_entropy(class_logits, labels_all)
+        pos = torch.where(labels_all > 0)[0]
+        reg = box_regression.reshape(class_logits.shape[0], -1, 4)
+        loss_box = F.l1_loss(reg[pos, labels_all[pos]], targets_all[pos], reduction="sum") / labels_all.numel()
+        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        if self.has_mask():
+            keep = [torch.where(lab > 0)[0] for lab in labels]
+            mask_props = [p[k] for p, k in zip(proposals, keep, strict=True)]
+            mask_matched = [m[k] for m, k in zip(matched_idxs, keep, strict=True)]
+            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_props, image_shapes)))
+            size = logits.shape[-1]
+            gt_labels = torch.cat([t["labels"][m] for t, m in zip(targets, mask_matched, strict=True)])
+            mask_t = torch.cat(
+                [
+                    _mask_targets(t["masks"], p, m, size)
+                    for t, p, m in zip(targets, mask_props, mask_matched, strict=True)
+                ]
+            )
+            if mask_t.numel() == 0:
+                losses["loss_mask"] = logits.sum() * 0
+            else:
+                chosen = logits[torch.arange(gt_labels.numel(), device=logits.device), gt_labels]
+                losses["loss_mask"] = F.binary_cross_entropy_with_logits(chosen, mask_t)
+        return [], losses
+
+
+def paste_masks(probs: Tensor, boxes: Tensor, h: int, w: int, threshold: float = 0.5) -> Tensor:
+    """mmdet ``_do_paste_mask``: float boxes, pixel centres, bilinear ``grid_sample``, ``>= threshold``.
+
+    probs: (N, M, M) mask probabilities; boxes: (N, 4) in the output frame. Returns (N, h, w) bool.
+    """
+    out = torch.zeros((probs.shape[0], h, w), dtype=torch.bool, device=probs.device)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        x0i, y0i = max(math.floor(x1) - 1, 0), max(math.floor(y1) - 1, 0)
+        x1i, y1i = min(math.ceil(x2) + 1, w), min(math.ceil(y2) + 1, h)
+        if x1i <= x0i or y1i <= y0i:
+            continue
+        gx = (torch.arange(x0i, x1i, device=probs.device, dtype=torch.float32) + 0.5 - x1) / (x2 - x1) * 2 - 1
+        gy = (torch.arange(y0i, y1i, device=probs.device, dtype=torch.float32) + 0.5 - y1) / (y2 - y1) * 2 - 1
+        gx = torch.nan_to_num(gx, posinf=0.0, neginf=0.0)  # mmdet maps inf (zero-size boxes) to 0
+        gy = torch.nan_to_num(gy, posinf=0.0, neginf=0.0)
+        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), -1)[None]
+        sampled = F.grid_sample(probs[i][None, None].float(), grid, align_corners=False)[0, 0]
+        out[i, y0i:y1i, x0i:x1i] = sampled >= threshold
+    return out
+
+
+class MMTransform(GeneralizedRCNNTransform):
+    """Normalise and pad to the size divisor; no resize (the data pipeline resizes with mmdet's rounding).
+    Post-processing maps boxes to the original image and pastes masks there."""
+
+    def __init__(self, image_mean, image_std, size_divisible: int = 32, mask_threshold: float = 0.5) -> None:
+        super().__init__(800, 1333, list(image_mean), list(image_std), size_divisible=size_divisible)
+        self.mask_threshold = mask_threshold
+
+    def resize(self, image: Tensor, target=None):
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training:
+            return result
+        for r, shape, orig in zip(result, image_shapes, original_image_sizes, strict=True):
+            r["boxes"] = resize_boxes(r["boxes"], shape, orig)
+            if "masks" in r:
+                r["mask_probs"] = r["masks"][:, 0]
+                r["masks"] = paste_masks(r["masks"][:, 0], r["boxes"], int(orig[0]), int(orig[1]), self.mask_threshold)[
+                    :, None
+                ]
+        return result
+
+
+class DetBackbone(nn.Module):
+    """A backbone returning stride 4-32 maps, plus torchvision's FPN with the extra max-pooled P6."""
+
+    def __init__(self, body: nn.Module, in_channels: Sequence[int], out_channels: int = 256) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+        for m in self.fpn.modules():  # mmdet's FPN init: xavier-uniform convs, zero bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+class AdapterMaskRCNN(MaskRCNN):
+    """torchvision ``MaskRCNN`` with the mmdet 2.22 settings of the ViT-Adapter COCO configs.
+
+    Images enter unnormalised (RGB, 0-255), already resized by the data pipeline; ``forward`` takes their
+    original sizes so that boxes and masks come back in original pixels. Training returns the ``loss_*`` dict,
+    inference a list of ``{boxes, labels, scores, masks, mask_probs}`` (labels 1..K; 0 is the background).
+
+    Args:
+        backbone: has ``out_channels`` and returns an OrderedDict ``'0'..'3', 'pool'`` (a :class:`DetBackbone`).
+        num_classes: foreground classes K.
+        representation_size: box head fc width (1024); mask_channels: mask head conv width (256).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        image_mean: Sequence[float] = (123.675, 116.28, 103.53),
+        image_std: Sequence[float] = (58.395, 57.12, 57.375),
+        representation_size: int = 1024,
+        mask_channels: int = 256,
+        rpn_post_nms_top_n_train: int = 1000,
+        box_score_thresh: float = 0.05,
+        box_nms_thresh: float = 0.5,
+        box_detections_per_img: int = 100,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        c = backbone.out_channels
+        names = ["0", "1", "2", "3"]
+        super().__init__(
+            backbone,
+            num_classes=None,
+            rpn_anchor_generator=MMAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5),
+            rpn_pre_nms_top_n_train=2000,
+            rpn_pre_nms_top_n_test=1000,
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=1000,
+            box_roi_pool=MMRoIAlign(names, 7),
+            box_head=TwoMLPHead(c * 7 * 7, representation_size),
+            box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
+            box_score_thresh=box_score_thresh,
+            box_nms_thresh=box_nms_thresh,
+            box_detections_per_img=box_detections_per_img,
+            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+            mask_roi_pool=MMRoIAlign(names, 14),
+            mask_head=MaskRCNNHeads(c, [mask_channels] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
+        )
+        self.num_classes = num_classes
+        rpn = self.rpn
+        self.rpn = MMRPN(
+            rpn.anchor_generator,
+            rpn.head,
+            0.7,
+            0.3,
+            256,
+            0.5,
+            dict(training=2000, testing=1000),
+            dict(training=rpn_post_nms_top_n_train, testing=1000),
+            0.7,
+            score_thresh=0.0,
+        )
+        self.rpn.box_coder = MMBoxCoder((1.0, 1.0, 1.0, 1.0))
+        roi = self.roi_heads
+        self.roi_heads = MMRoIHeads(
+            roi.box_roi_pool,
+            roi.box_head,
+            roi.box_predictor,
+            0.5,
+            0.5,
+            512,
+            0.25,
+            (10.0, 10.0, 5.0, 5.0),
+            box_score_thresh,
+            box_nms_thresh,
+            box_detections_per_img,
+            mask_roi_pool=roi.mask_roi_pool,
+            mask_head=roi.mask_head,
+            mask_predictor=roi.mask_predictor,
+        )
+        self.roi_heads.box_coder = MMBoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.transform = MMTransform(image_mean, image_std, 32, mask_threshold)
+        self._init_heads()
+
+    def _init_heads(self) -> None:
+        """mmdet's head init (training from scratch): xavier fcs, N(0, .01) classifier, N(0, .001) regressor."""
+        head, pred = self.roi_heads.box_head, self.roi_heads.box_predictor
+        for fc in (head.fc6, head.fc7):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(pred.cls_score.weight, std=0.01)
+        nn.init.normal_(pred.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(pred.cls_score.bias)
+        nn.init.zeros_(pred.bbox_pred.bias)
+        for m in self.rpn.head.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        for m in self.roi_heads.mask_predictor.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        original_sizes: list[tuple[int, int]] | None = None,
+    ):
+        """Training: ``targets`` given -> ``{loss_*}``. Inference -> detections in ``original_sizes`` pixels
+        (default: the input sizes)."""
+        if self.training and targets is None:
+            raise ValueError("training needs targets")
+        sizes = original_sizes or [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        proposals, proposal_losses = self.rpn(image_list, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        if self.training:
+            return {**proposal_losses, **detector_losses}
+        return self.transform.postprocess(detections, image_list.image_sizes, sizes)
+
+
+def convert_mmdet_heads(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """mmdet 2.x ``neck.*``, ``rpn_head.*``, ``roi_head.*`` keys -> this model's keys (heads.md §4.3).
+
+    The background class moves from mmdet's last row to torchvision's first (``fc_cls``); class-specific box
+    and mask rows get a (never read) background block in front. Returns the tensors and the keys left out.
+    """
+    out: dict[str, Tensor] = {}
+    left: list[str] = []
+    for key, v in state_dict.items():
+        parts = key.split(".")
+        p = parts[-1]
+        if key.startswith("neck.lateral_convs."):
+            out[f"backbone.fpn.inner_blocks.{parts[2]}.0.{p}"] = v
+        elif key.startswith("neck.fpn_convs."):
+            out[f"backbone.fpn.layer_blocks.{parts[2]}.0.{p}"] = v
+        elif key.startswith("rpn_head.rpn_conv."):
+            out[f"rpn.head.conv.0.0.{p}"] = v
+        elif key.startswith("rpn_head.rpn_cls."):
+            out[f"rpn.head.cls_logits.{p}"] = v
+        elif key.startswith("rpn_head.rpn_reg."):
+            out[f"rpn.head.bbox_pred.{p}"] = v
+        elif key.startswith("roi_head.bbox_head.shared_fcs."):
+            out[f"roi_heads.box_head.fc{6 + int(parts[3])}.{p}"] = v
+        elif key.startswith("roi_head.bbox_head.fc_cls."):
+            out[f"roi_heads.box_predictor.cls_score.{p}"] = torch.cat([v[-1:], v[:-1]])
+        elif key.startswith("roi_head.bbox_head.fc_reg."):
+            out[f"roi_heads.box_predictor.bbox_pred.{p}"] = torch.cat([v.new_zeros((4, *v.shape[1:])), v])
+        elif key.startswith("roi_head.mask_head.convs."):
+            out[f"roi_heads.mask_head.{parts[3]}.0.{p}"] = v
+        elif key.startswith("roi_head.mask_head.upsample."):
+            out[f"roi_heads.mask_predictor.conv5_mask.{p}"] = v
+        elif key.startswith("roi_head.mask_head.conv_logits."):
+            out[f"roi_heads.mask_predictor.mask_fcn_logits.{p}"] = torch.cat([v.new_zeros((1, *v.shape[1:])), v])
+        else:
+            left.append(key)
+    return out, left
