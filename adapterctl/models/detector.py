@@ -34,6 +34,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
 
 FPN_STRIDES = (4, 8, 16, 32, 64)
+_CPU = torch.device("cpu")
 
 
 class MMAnchorGenerator(AnchorGenerator):
@@ -48,7 +49,7 @@ class MMAnchorGenerator(AnchorGenerator):
         super().__init__(tuple(tuple(s) for s in sizes), tuple(tuple(a) for a in aspect_ratios))
         self.strides = [int(s) for s in strides]
 
-    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=_CPU) -> Tensor:
         scales = torch.as_tensor(scales, dtype=dtype, device=device)
         h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
         w_ratios = 1 / h_ratios
