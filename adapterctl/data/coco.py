@@ -101,6 +101,7 @@ class CocoDetection(Dataset):
         train: bool = False,
         with_masks: bool = True,
         on_bad_sample: str = "error",
+        transform=None,
     ) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -111,6 +112,7 @@ class CocoDetection(Dataset):
         self.train = train
         self.with_masks = with_masks
         self.on_bad_sample = on_bad_sample
+        self.transform = transform
         self.skipped: list[str] = []
         ids = sorted(self.coco.getImgIds())
         kept = []
@@ -145,7 +147,8 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, seed = item if isinstance(item, tuple) else (item, item)
         img_id = self.ids[index]
         info = self.coco.imgs[img_id]
         image = load_image(self.img_dir / info["file_name"])
@@ -165,4 +168,48 @@ class CocoDetection(Dataset):
         if self.with_masks:
             masks = [ann_to_mask(self.coco, a, h, w) for a in anns]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        if self.transform is not None:
+            image, target = self.transform(image, target, np.random.default_rng(seed))
         return {"image": image, "target": target, "ori_size": (h, w), "path": str(self.img_dir / info["file_name"])}
+
+
+class DetTransform:
+    """mmdet 2.x Resize (keep ratio, ``int(x * f + 0.5)`` rounding; one of ``scales`` at random) and
+    RandomFlip. Boxes are scaled by the exact size ratios, masks resized nearest. (The 3x schedule's DETR-style
+    random-crop branch is not implemented: multi-scale resizing only.)"""
+
+    def __init__(self, scales: Sequence[Sequence[int]], flip_prob: float = 0.0) -> None:
+        self.scales = [tuple(int(v) for v in s) for s in scales]
+        self.flip_prob = flip_prob
+
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        from adapterctl.data.transforms import rescale_size, resize_image, resize_label
+
+        h, w = image.shape[-2:]
+        scale = self.scales[int(rng.integers(len(self.scales)))] if len(self.scales) > 1 else self.scales[0]
+        nh, nw = rescale_size(h, w, scale)
+        image = resize_image(image, (nh, nw))
+        target = dict(target)
+        boxes = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        masks = target.get("masks")
+        if masks is not None and masks.shape[0]:
+            masks = torch.stack([resize_label(m, (nh, nw)) for m in masks])
+        elif masks is not None:
+            masks = torch.zeros((0, nh, nw), dtype=torch.uint8)
+        if self.flip_prob and rng.random() < self.flip_prob:
+            image = image.flip(-1)
+            boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
+            masks = masks.flip(-1) if masks is not None else None
+        target["boxes"] = boxes
+        if masks is not None:
+            target["masks"] = masks
+        return image, target
+
+
+def build_det_dataset(data, train: bool) -> CocoDetection:
+    """A :class:`CocoDetection` from the ``data`` config section (``train`` or ``test`` split)."""
+    split = data.train if train else data.test
+    scales = [list(s) for s in split.scales]
+    transform = DetTransform(scales, float(split.get("flip_prob", 0.0)) if train else 0.0)
+    return CocoDetection(split.img_dir, split.ann_file, train=train, with_masks=train,
+                         on_bad_sample=data.get("on_bad_sample", "error"), transform=transform)

@@ -96,7 +96,8 @@ def build_seg_dataset(data: DictConfig, train: bool) -> SegmentationFolder:
 
 
 def train_loader(
-    dataset, batch_size: int, num_workers: int, rank: int, world: int, seed: int, start_iter: int
+    dataset, batch_size: int, num_workers: int, rank: int, world: int, seed: int, start_iter: int,
+    collate_fn=collate_train,
 ) -> DataLoader:
     sampler = InfiniteTrainSampler(len(dataset), batch_size, rank, world, seed, start_iter)
     return DataLoader(
@@ -104,7 +105,7 @@ def train_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_train,
+        collate_fn=collate_fn,
         drop_last=True,
         persistent_workers=num_workers > 0,
     )

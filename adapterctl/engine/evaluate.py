@@ -173,8 +173,8 @@ def run_eval(overrides: Sequence[str]) -> dict:
 
     from rich.console import Console
 
-    from adapterctl.data.loader import build_seg_dataset, class_names, eval_loader
     from adapterctl.engine.distributed import barrier, cleanup, init_distributed
+    from adapterctl.engine.tasks import get_task
     from adapterctl.engine.train import resolve_amp
     from adapterctl.models.build import build_model
 
@@ -185,27 +185,26 @@ def run_eval(overrides: Sequence[str]) -> dict:
             ecfg.paths.output_dir
             or Path(str(ecfg.ckpt)).resolve().parent.parent / f"eval_{time.strftime('%Y%m%d-%H%M%S')}"
         )
+        task = get_task(mcfg)
         model = build_model(mcfg)
         model.load_state_dict(state["model"])
         model.to(dist.device)
-        dataset = build_seg_dataset(mcfg.data, train=False)
-        evaluator = SegEvaluator(
-            int(mcfg.data.num_classes), class_names(mcfg.data), int(mcfg.data.ignore_index), dist.device
-        )
+        if mcfg.task == "segmentation":
+            from adapterctl.data.loader import build_seg_dataset
+
+            dataset = build_seg_dataset(mcfg.data, train=False)
+        else:
+            from adapterctl.data.coco import build_det_dataset
+
+            dataset = build_det_dataset(mcfg.data, train=False)
         amp = resolve_amp(str(ecfg.trainer.amp), dist.device)
-        metrics = evaluate_segmentation(
-            model,
-            eval_loader(dataset, int(ecfg.trainer.num_workers), dist.rank, dist.world_size),
-            evaluator,
-            dist.device,
-            amp,
-            mode=ecfg.mode,
-            predictions_dir=out_dir / "predictions" if ecfg.save_predictions else None,
-        )
+        metrics = task.evaluate(model, dataset, dist.device, amp, int(ecfg.trainer.num_workers), dist.rank,
+                                dist.world_size, out_dir=out_dir, mode=ecfg.mode,
+                                save_predictions=bool(ecfg.save_predictions))
         if dist.is_main:
             write_metrics({"ckpt": str(ecfg.ckpt), "step": state.get("step"), **metrics}, out_dir / "metrics.json")
             console = Console(highlight=False)
-            console.print(metrics_table(metrics, f"{mcfg.experiment_name} ({ecfg.ckpt})"))
+            console.print(task.table(metrics, f"{mcfg.experiment_name} ({ecfg.ckpt})"))
             console.print(f"metrics: {out_dir / 'metrics.json'}")
         return metrics
     finally:

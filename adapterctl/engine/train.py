@@ -105,13 +105,13 @@ def run_train(cfg: DictConfig) -> dict:
     from rich.console import Console
 
     from adapterctl.config import save_config
-    from adapterctl.data.loader import build_seg_dataset, class_names, eval_loader, train_loader
-    from adapterctl.engine.evaluate import SegEvaluator, evaluate_segmentation, metrics_table, write_metrics
+    from adapterctl.data.loader import train_loader
+    from adapterctl.engine.evaluate import write_metrics
+    from adapterctl.engine.tasks import get_task, headline
     from adapterctl.engine.optim import build_optimizer, build_scheduler
     from adapterctl.models.build import build_model
 
-    if cfg.task != "segmentation":
-        raise TrainingError(f"task={cfg.task!r}: only segmentation trains for now")
+    task_impl = get_task(cfg)
     t = cfg.trainer
     dist = init_distributed(str(t.device))
     if dist.distributed:  # every rank composed its own timestamp: rank 0's run directory wins
@@ -136,7 +136,7 @@ def run_train(cfg: DictConfig) -> dict:
             # DDP refuses SyncBatchNorm on CPU modules: each process normalises with its own batch statistics
             console.print("note: CPU DDP keeps per-process BatchNorm statistics (SyncBatchNorm needs GPUs)")
         synced = dist.distributed and dist.device.type == "cuda"
-        if int(t.batch_size) * (dist.world_size if synced else 1) < 2:
+        if cfg.task == "segmentation" and int(t.batch_size) * (dist.world_size if synced else 1) < 2:
             raise TrainingError(
                 f"trainer.batch_size={t.batch_size}: BatchNorm after UperNet's 1x1 pyramid pooling needs at least 2 "
                 "images per normalisation group (per process, or across GPUs with SyncBatchNorm)"
@@ -163,13 +163,10 @@ def run_train(cfg: DictConfig) -> dict:
             if dist.distributed
             else model
         )
-        train_set = build_seg_dataset(cfg.data, train=True)
-        val_set = build_seg_dataset(cfg.data, train=False)
+        train_set, val_set = task_impl.datasets()
         loader = train_loader(
-            train_set, int(t.batch_size), int(t.num_workers), dist.rank, dist.world_size, int(cfg.seed), start
-        )
-        evaluator = SegEvaluator(
-            int(cfg.data.num_classes), class_names(cfg.data), int(cfg.data.ignore_index), dist.device
+            train_set, int(t.batch_size), int(t.num_workers), dist.rank, dist.world_size, int(cfg.seed), start,
+            collate_fn=task_impl.collate_train,
         )
 
         writer = _tensorboard(out_dir) if dist.is_main else None
@@ -201,15 +198,12 @@ def run_train(cfg: DictConfig) -> dict:
 
         def run_eval(step: int) -> dict:
             _average_buffers(model, dist)
-            res = evaluate_segmentation(
-                model, eval_loader(val_set, int(t.num_workers), dist.rank, dist.world_size), evaluator, dist.device, amp
-            )
+            res = task_impl.evaluate(model, val_set, dist.device, amp, int(t.num_workers), dist.rank,
+                                     dist.world_size, out_dir=out_dir)
             if dist.is_main:
                 write_metrics({"step": step, **res}, out_dir / "metrics.json")
-                _write_row(
-                    jsonl, writer, step, {"val/mIoU": res["mIoU"], "val/mAcc": res["mAcc"], "val/aAcc": res["aAcc"]}
-                )
-                console.print(f"iter {step}: mIoU {res['mIoU']} mAcc {res['mAcc']} aAcc {res['aAcc']}")
+                _write_row(jsonl, writer, step, {f"val/{k}": res.get(k) for k in task_impl.headline})
+                console.print(f"iter {step}: {headline(res, task_impl.headline)}")
             return res
 
         model.train()
@@ -226,10 +220,8 @@ def run_train(cfg: DictConfig) -> dict:
             while step < max_iters:
                 batch = next(data_iter)
                 skipped.update(batch["skipped"])
-                images = batch["image"].to(dist.device, non_blocking=True)
-                labels = batch["label"].to(dist.device, non_blocking=True)
                 with autocast_context(dist.device, amp):
-                    out = ddp(images, labels)
+                    out = ddp(*task_impl.inputs(batch, dist.device))
                 losses = {k: v for k, v in out.items() if k.startswith("loss")}
                 loss = sum(losses.values())
                 finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=dist.device)
@@ -250,7 +242,8 @@ def run_train(cfg: DictConfig) -> dict:
                 scheduler.step()
                 step += 1
 
-                for k, v in {**losses, "loss": loss, "acc_seg": out.get("acc_seg", loss)}.items():
+                extras = {k: v for k, v in out.items() if not k.startswith("loss")}  # e.g. acc_seg
+                for k, v in {**losses, "loss": loss, **extras}.items():
                     window[k] = window.get(k, 0.0) + float(v.detach())
                 n_window += 1
                 lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
@@ -284,7 +277,7 @@ def run_train(cfg: DictConfig) -> dict:
             if last_good is not None:
                 ckpt_final.unlink(missing_ok=True)
                 ckpt_final.symlink_to(Path(last_good).name)
-            console.print(metrics_table(metrics, f"{cfg.experiment_name}: iteration {step}"))
+            console.print(task_impl.table(metrics, f"{cfg.experiment_name}: iteration {step}"))
             if skipped:
                 console.print(f"[yellow]skipped {len(skipped)} bad sample(s)[/], e.g. {sorted(skipped)[0]}")
             console.print(f"run directory: {out_dir}")

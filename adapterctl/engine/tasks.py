@@ -1,0 +1,128 @@
+"""What differs between tasks for the one training loop: datasets, how a batch enters the model, evaluation.
+
+The loop itself (``engine/train.py``) is shared: ``loss_dict = model(*task.inputs(batch))``, sum the ``loss_*``
+terms, backward, step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from adapterctl.engine.evaluate import autocast_context
+
+
+class SegmentationTask:
+    name = "segmentation"
+    headline = ("mIoU", "mAcc", "aAcc")
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def datasets(self):
+        from adapterctl.data.loader import build_seg_dataset
+
+        return build_seg_dataset(self.cfg.data, train=True), build_seg_dataset(self.cfg.data, train=False)
+
+    @staticmethod
+    def collate_train(batch):
+        from adapterctl.data.ade20k import collate_train
+
+        return collate_train(batch)
+
+    @staticmethod
+    def inputs(batch: dict, device: torch.device) -> tuple:
+        return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+
+    def evaluate(self, model: nn.Module, val_set, device: torch.device, amp: str, num_workers: int, rank: int,
+                 world: int, out_dir: Path | None = None, mode: str | None = None,
+                 save_predictions: bool = False) -> dict:
+        from adapterctl.data.loader import class_names, eval_loader
+        from adapterctl.engine.evaluate import SegEvaluator, evaluate_segmentation
+
+        data = self.cfg.data
+        evaluator = SegEvaluator(int(data.num_classes), class_names(data), int(data.ignore_index), device)
+        pred_dir = out_dir / "predictions" if (save_predictions and out_dir is not None) else None
+        return evaluate_segmentation(model, eval_loader(val_set, num_workers, rank, world), evaluator, device, amp,
+                                     mode=mode, predictions_dir=pred_dir)
+
+    @staticmethod
+    def table(metrics: dict, title: str):
+        from adapterctl.engine.evaluate import metrics_table
+
+        return metrics_table(metrics, title)
+
+
+class DetectionTask:
+    name = "detection"
+    headline = ("bbox_AP", "bbox_AP50", "segm_AP")
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def datasets(self):
+        from adapterctl.data.coco import build_det_dataset
+
+        return build_det_dataset(self.cfg.data, train=True), build_det_dataset(self.cfg.data, train=False)
+
+    @staticmethod
+    def collate_train(batch):
+        return {"samples": list(batch), "skipped": []}
+
+    @staticmethod
+    def inputs(batch: dict, device: torch.device) -> tuple:
+        images = [s["image"].to(device) for s in batch["samples"]]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s["target"].items()}
+                   for s in batch["samples"]]
+        return images, targets
+
+    def evaluate(self, model: nn.Module, val_set, device: torch.device, amp: str, num_workers: int, rank: int,
+                 world: int, out_dir: Path | None = None, mode: str | None = None,
+                 save_predictions: bool = False) -> dict:
+        from adapterctl.data.loader import ShardSampler
+        from adapterctl.engine.coco_eval import CocoEvaluator
+
+        loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), rank, world),
+                                             num_workers=num_workers, collate_fn=list)
+        evaluator = CocoEvaluator(val_set.coco, val_set.labels)
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for batch in loader:
+                for s in batch:
+                    with autocast_context(device, amp):
+                        det = model([s["image"].to(device)], original_sizes=[s["ori_size"]])[0]
+                    evaluator.update(s["target"]["image_id"], det["boxes"].float(), det["scores"].float(),
+                                     det["labels"], det["masks"][:, 0] if "masks" in det else None)
+        model.train(was_training)
+        results_file = out_dir / "results.json" if out_dir is not None else None
+        return evaluator.compute(results_file)
+
+    @staticmethod
+    def table(metrics: dict, title: str):
+        from rich.table import Table
+
+        table = Table(title=title)
+        table.add_column("")
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            table.add_column(name, justify="right")
+        for kind in ("bbox", "segm"):
+            row = [metrics.get(f"{kind}_{n}") for n in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+            table.add_row(kind, *("-" if v is None else f"{v:.1f}" for v in row))
+        return table
+
+
+def get_task(cfg: DictConfig):
+    tasks: dict[str, Any] = {"segmentation": SegmentationTask, "detection": DetectionTask}
+    if cfg.task not in tasks:
+        raise ValueError(f"task must be one of {sorted(tasks)}, got {cfg.task!r}")
+    return tasks[cfg.task](cfg)
+
+
+def headline(metrics: dict, keys: Sequence[str]) -> str:
+    return " ".join(f"{k} {metrics.get(k)}" for k in keys)
