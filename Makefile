@@ -14,13 +14,15 @@ TORCHRUN := $(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(GPUS)
 DEMO_DATA ?= datasets/synthetic_seg
 ADE20K_ROWS := ade20k_upernet_vit_adapter_t ade20k_upernet_vit_adapter_s ade20k_upernet_vit_adapter_b \
 	ade20k_upernet_vit_adapter_t_augreg ade20k_upernet_vit_adapter_b_augreg ade20k_upernet_vit_adapter_l_augreg
+COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k)))
+PAPER_ROWS := $(ADE20K_ROWS) $(COCO_ROWS)
 
-.PHONY: help install test test-all lint bench demo experiments $(ADE20K_ROWS)
+.PHONY: help install test test-all lint bench demo demo-det experiments $(PAPER_ROWS)
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 	@echo "  Paper rows (real data, GPUS=$(GPUS) per node, NNODES=$(NNODES), extra overrides in ARGS=...):"
-	@for r in $(ADE20K_ROWS); do echo "    make $$r"; done
+	@for r in $(PAPER_ROWS); do echo "    make $$r"; done
 
 install: $(STAMP) ## Create .venv (when missing) and install adapterctl with its dev and export extras
 
@@ -45,7 +47,7 @@ demo: install ## Synthesise data, train ViT-Adapter-T + UperNet on CPU for a few
 experiments: install ## List the reproduction experiments with their hyperparameters and the paper's results
 	$(VENV)/bin/adapterctl experiments
 
-$(ADE20K_ROWS): install ## ADE20K UperNet rows of the paper (real ADE20K, $$GPUS GPUs per node via torchrun)
+$(PAPER_ROWS): install ## Paper rows (real ADE20K / COCO, $$GPUS GPUs per node via torchrun)
 	$(TORCHRUN) -m adapterctl train experiment=$@ $(ARGS)
 
 bench: install ## ViT-Adapter-T vs plain ViT-T at 512x512 (forward, forward+backward, ratio, GFLOP/s)

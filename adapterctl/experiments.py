@@ -35,8 +35,13 @@ def list_experiments() -> list[dict]:
                 "layer_decay_rate": o.layer_decay_rate,
                 "max_iters": t.max_iters,
                 "batch": f"{gpus}x{t.batch_size}",
-                "crop": "x".join(str(c) for c in d.train.crop_size),
-                "test": f"{d.test.mode} {list(d.test.crop_size)}/{list(d.test.stride)}",
+                "crop": "x".join(str(c) for c in d.train.crop_size) if cfg.task == "segmentation" else "-",
+                "test": (
+                    f"{d.test.mode} {list(d.test.crop_size)}/{list(d.test.stride)}"
+                    if cfg.task == "segmentation"
+                    else f"resize {[list(x) for x in d.test.scales]}"
+                ),
+                "task": cfg.task,
                 "amp": t.amp,
                 "paper_result": result,
                 "paper": dict(paper),

@@ -71,3 +71,36 @@ def test_a_paper_row_starts_and_stops_on_missing_weights(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "deit_tiny_patch16_224-a1311bcf.pth" in result.output and "Traceback" not in result.output
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+COCO_ROWS = {  # configs-and-results.md §3.3: lr, weight decay, layer decay, drop path, box / mask AP
+    "coco_maskrcnn_vit_adapter_t_1x": (2e-4, 0.01, 1.0, 0.1, 41.1, 37.5),
+    "coco_maskrcnn_vit_adapter_t_3x": (1e-4, 0.05, 1.0, 0.1, 46.0, 41.0),
+    "coco_maskrcnn_vit_adapter_s_1x": (1e-4, 0.05, 1.0, 0.2, 44.7, 39.9),
+    "coco_maskrcnn_vit_adapter_s_3x": (1e-4, 0.05, 1.0, 0.2, 48.2, 42.8),
+    "coco_maskrcnn_vit_adapter_b_1x": (1e-4, 0.05, 1.0, 0.3, 47.0, 41.8),
+    "coco_maskrcnn_vit_adapter_b_3x": (1e-4, 0.05, 1.0, 0.3, 49.6, 43.6),
+    "coco_maskrcnn_vit_adapter_l_1x": (1e-4, 0.05, 0.8, 0.4, 48.7, 43.3),
+    "coco_maskrcnn_vit_adapter_l_3x": (1e-4, 0.05, 0.8, 0.4, 52.1, 46.0),
+}
+
+
+def test_coco_rows_listed_with_released_hyperparameters():
+    from adapterctl.config import compose
+
+    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    for name, (lr, wd, ld, dpr, box, mask) in COCO_ROWS.items():
+        r = rows[name]
+        assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (lr, wd, ld, dpr), name
+        assert (r["paper"]["box_ap"], r["paper"]["mask_ap"]) == (box, mask)
+        cfg = compose("train", [f"experiment={name}"])
+        assert cfg.task == "detection" and cfg.head.name == "maskrcnn" and cfg.model.vit_feature_mode == "final"
+        global_blocks = [i for i, on in enumerate(cfg.model.window_attn) if not on]
+        assert global_blocks == ([5, 11, 17, 23] if "_l_" in name else [2, 5, 8, 11])
+        assert cfg.schedule.name == "step" and list(cfg.optim.no_decay_keys) == ["level_embed", "pos_embed", "norm",
+                                                                                 "bias"]
+        scales = [tuple(s) for s in cfg.data.train.scales]
+        assert scales == ([(1333, 800)] if name.endswith("1x") else [(1333, s) for s in range(480, 801, 32)])
+    dry = subprocess.run(["make", "-n", "coco_maskrcnn_vit_adapter_t_1x", "GPUS=2"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert "experiment=coco_maskrcnn_vit_adapter_t_1x" in dry.stdout

@@ -104,11 +104,29 @@ def poly_warmup_factor(
     return factor
 
 
+def step_warmup_factor(step: int, milestones: Sequence[int], gamma: float = 0.1, warmup_iters: int = 0,
+                       warmup_ratio: float = 0.001) -> float:
+    """mmcv StepLrUpdaterHook with linear warmup (the mmdet 1x/3x schedules), as a multiplier of the base lr."""
+    factor = gamma ** sum(step >= m for m in milestones)
+    if step < warmup_iters:
+        factor *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+    return factor
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, sched_cfg: Mapping, max_iters: int, base_lr: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    if sched_cfg.get("name", "poly") != "poly":
-        raise ValueError(f"schedule.name: only 'poly' is available, got {sched_cfg['name']!r}")
+    name = sched_cfg.get("name", "poly")
+    if name == "step":
+        milestones = [int(m) for m in sched_cfg.get("milestones", [])]
+        gamma = float(sched_cfg.get("gamma", 0.1))
+        warmup = int(sched_cfg.get("warmup_iters", 0))
+        ratio = float(sched_cfg.get("warmup_ratio", 0.001))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: step_warmup_factor(step, milestones, gamma, warmup, ratio)
+        )
+    if name != "poly":
+        raise ValueError(f"schedule.name must be poly or step, got {name!r}")
     min_ratio = float(sched_cfg.get("min_lr", 0.0)) / base_lr if base_lr else 0.0
     power = float(sched_cfg.get("power", 1.0))
     warmup = int(sched_cfg.get("warmup_iters", 0))
