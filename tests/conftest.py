@@ -89,19 +89,41 @@ def synth_det(tmp_path_factory) -> Path:
     """A tiny COCO-format dataset written by the synthetic generator."""
     from adapterctl.data.synthetic import write_det_dataset
 
-    return write_det_dataset(tmp_path_factory.mktemp("synth_det_train"), n_train=10, n_val=4, seed=2,
-                             size_range=(96, 128))
+    return write_det_dataset(
+        tmp_path_factory.mktemp("synth_det_train"), n_train=10, n_val=4, seed=2, size_range=(96, 128)
+    )
 
 
 def tiny_det_overrides(data_root: Path, out_dir: Path, **trainer) -> list[str]:
-    t = {"max_iters": 3, "batch_size": 2, "num_workers": 0, "log_interval": 1, "eval_interval": 100,
-         "checkpoint_interval": 100, "amp": "none", "device": "cpu", **trainer}
+    t = {
+        "max_iters": 3,
+        "batch_size": 2,
+        "num_workers": 0,
+        "log_interval": 1,
+        "eval_interval": 100,
+        "checkpoint_interval": 100,
+        "amp": "none",
+        "device": "cpu",
+        **trainer,
+    }
     return [
-        "task=detection", "head=maskrcnn", "data=synthetic_det", f"data.root={data_root}",
-        *[o for o in TINY_MODEL if not o.startswith("head.")], "model.vit_feature_mode=final",
-        "model.window_attn=[true,false,true,false]", "model.window_size=[2,null,2,null]",
-        "head.fpn_channels=32", "head.representation_size=64", "head.mask_channels=16",
-        "data.train.scales=[[256,128]]", "data.test.scales=[[256,128]]", f"paths.output_dir={out_dir}",
-        "optim.lr=1e-3", "schedule=step_1x", "schedule.warmup_iters=1", "schedule.milestones=[2]",
+        "task=detection",
+        "head=maskrcnn",
+        "data=synthetic_det",
+        f"data.root={data_root}",
+        *[o for o in TINY_MODEL if not o.startswith("head.")],
+        "model.vit_feature_mode=final",
+        "model.window_attn=[true,false,true,false]",
+        "model.window_size=[2,null,2,null]",
+        "head.fpn_channels=32",
+        "head.representation_size=64",
+        "head.mask_channels=16",
+        "data.train.scales=[[256,128]]",
+        "data.test.scales=[[256,128]]",
+        f"paths.output_dir={out_dir}",
+        "optim.lr=1e-3",
+        "schedule=step_1x",
+        "schedule.warmup_iters=1",
+        "schedule.milestones=[2]",
         *[f"trainer.{k}={v}" for k, v in t.items()],
     ]

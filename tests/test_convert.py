@@ -117,3 +117,53 @@ def test_convert_official_upernet_checkpoint_reproduces_mmseg_heads(tmp_path):
         torch.testing.assert_close(model.auxiliary_head(fx["inputs"]), fx["aux_logits"], atol=1e-4, rtol=1e-4)
     for k, v in backbone.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[k], v)
+
+
+def test_convert_official_maskrcnn_checkpoint(tmp_path):
+    """A full mmdet checkpoint: a 16-d backbone in the official layout + the Mask R-CNN fixture heads."""
+    from collections import OrderedDict
+
+    from omegaconf import OmegaConf
+
+    from adapterctl.engine.checkpoint import load_checkpoint
+    from adapterctl.models.build import build_detector
+    from adapterctl.models.official import to_official_backbone
+    from adapterctl.models.zoo import build_vit_adapter
+
+    from .conftest import FIXTURES
+
+    fx = torch.load(FIXTURES / "official_maskrcnn_a.pt", map_location="cpu", weights_only=True)
+    kwargs = dict(
+        img_size=32,
+        embed_dim=16,
+        depth=4,
+        num_heads=2,
+        conv_inplane=8,
+        deform_num_heads=2,
+        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+    )
+    backbone = build_vit_adapter(**kwargs, vit_feature_mode="final")
+    official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
+    official.update(fx["state_dict"])
+    src = tmp_path / "mask_rcnn_official.pth"
+    torch.save({"meta": {"CLASSES": ["a", "b", "c"]}, "state_dict": official}, src)
+    dst = tmp_path / "maskrcnn.safetensors"
+    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
+    result = runner.invoke(
+        app, ["convert", str(src), str(dst), "--variant", "detection", "data=synthetic_det", *overrides]
+    )
+    assert result.exit_code == 0, result.output
+    assert "detector" in result.output
+    state = load_checkpoint(dst)
+    cfg = OmegaConf.create(state["config"])
+    assert cfg.task == "detection" and cfg.head.num_classes == 3 and cfg.head.fpn_channels == 32
+    model = build_detector(cfg).eval()
+    model.load_state_dict(state["model"])  # strict: every tensor converted
+    with torch.no_grad():
+        feats = model.backbone.fpn(OrderedDict((str(i), f) for i, f in enumerate(fx["inputs"])))
+        for got, want in zip(feats.values(), fx["neck_outs"], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        h, w = fx["meta"]["img_shape"]
+        x = model.roi_heads.box_head(model.roi_heads.box_roi_pool(feats, [fx["proposals"][:, :4]], [(h, w)]))
+        cls, _ = model.roi_heads.box_predictor(x)
+    torch.testing.assert_close(cls[:, [1, 2, 3, 0]], fx["roi_cls_score"], atol=1e-5, rtol=1e-5)

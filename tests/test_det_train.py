@@ -38,8 +38,9 @@ def test_detection_trains_evaluates_and_writes_results_json(synth_det, tmp_path)
     assert state["config"]["task"] == "detection"
 
     evaluated = tmp_path / "eval"
-    result = runner.invoke(app, ["eval", f"ckpt={out / 'checkpoints' / 'final.pt'}", f"paths.output_dir={evaluated}",
-                                 "trainer.device=cpu"])
+    result = runner.invoke(
+        app, ["eval", f"ckpt={out / 'checkpoints' / 'final.pt'}", f"paths.output_dir={evaluated}", "trainer.device=cpu"]
+    )
     assert result.exit_code == 0, result.output
     again = json.loads((evaluated / "metrics.json").read_text())
     for k in KEYS:
@@ -62,15 +63,26 @@ def test_detection_needs_the_detection_head(tmp_path):
 
 def test_torchrun_two_processes_detection(synth_det, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "adapterctl", "train", *tiny_det_overrides(synth_det, out, max_iters=2, batch_size=1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "adapterctl",
+        "train",
+        *tiny_det_overrides(synth_det, out, max_iters=2, batch_size=1),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = json.loads((out / "metrics.json").read_text())
     # 4 validation images over 2 ranks, gathered on rank 0: the same numbers as one process on the checkpoint
     single = tmp_path / "single"
-    result = runner.invoke(app, ["eval", f"ckpt={out / 'checkpoints' / 'final.pt'}", f"paths.output_dir={single}",
-                                 "trainer.device=cpu"])
+    result = runner.invoke(
+        app, ["eval", f"ckpt={out / 'checkpoints' / 'final.pt'}", f"paths.output_dir={single}", "trainer.device=cpu"]
+    )
     assert result.exit_code == 0, result.output
     one = json.loads((single / "metrics.json").read_text())
     for k in KEYS:

@@ -97,10 +97,15 @@ def test_coco_rows_listed_with_released_hyperparameters():
         assert cfg.task == "detection" and cfg.head.name == "maskrcnn" and cfg.model.vit_feature_mode == "final"
         global_blocks = [i for i, on in enumerate(cfg.model.window_attn) if not on]
         assert global_blocks == ([5, 11, 17, 23] if "_l_" in name else [2, 5, 8, 11])
-        assert cfg.schedule.name == "step" and list(cfg.optim.no_decay_keys) == ["level_embed", "pos_embed", "norm",
-                                                                                 "bias"]
+        assert cfg.schedule.name == "step" and list(cfg.optim.no_decay_keys) == [
+            "level_embed",
+            "pos_embed",
+            "norm",
+            "bias",
+        ]
         scales = [tuple(s) for s in cfg.data.train.scales]
         assert scales == ([(1333, 800)] if name.endswith("1x") else [(1333, s) for s in range(480, 801, 32)])
-    dry = subprocess.run(["make", "-n", "coco_maskrcnn_vit_adapter_t_1x", "GPUS=2"], cwd=REPO, capture_output=True,
-                         text=True)
+    dry = subprocess.run(
+        ["make", "-n", "coco_maskrcnn_vit_adapter_t_1x", "GPUS=2"], cwd=REPO, capture_output=True, text=True
+    )
     assert "experiment=coco_maskrcnn_vit_adapter_t_1x" in dry.stdout

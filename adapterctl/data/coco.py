@@ -211,5 +211,11 @@ def build_det_dataset(data, train: bool) -> CocoDetection:
     split = data.train if train else data.test
     scales = [list(s) for s in split.scales]
     transform = DetTransform(scales, float(split.get("flip_prob", 0.0)) if train else 0.0)
-    return CocoDetection(split.img_dir, split.ann_file, train=train, with_masks=train,
-                         on_bad_sample=data.get("on_bad_sample", "error"), transform=transform)
+    return CocoDetection(
+        split.img_dir,
+        split.ann_file,
+        train=train,
+        with_masks=train,
+        on_bad_sample=data.get("on_bad_sample", "error"),
+        transform=transform,
+    )

@@ -96,7 +96,13 @@ def build_seg_dataset(data: DictConfig, train: bool) -> SegmentationFolder:
 
 
 def train_loader(
-    dataset, batch_size: int, num_workers: int, rank: int, world: int, seed: int, start_iter: int,
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world: int,
+    seed: int,
+    start_iter: int,
     collate_fn=collate_train,
 ) -> DataLoader:
     sampler = InfiniteTrainSampler(len(dataset), batch_size, rank, world, seed, start_iter)

@@ -95,6 +95,6 @@ def _load_converted(path: Path) -> dict[str, Any]:
         meta = f.metadata() or {}
     if meta.get("format") != "adapterctl" or "config" not in meta:
         raise ValueError(f"{path}: not an adapterctl file (convert official checkpoints with `adapterctl convert`)")
-    if meta.get("contents") != "segmentor":
+    if meta.get("contents") not in ("segmentor", "detector"):
         raise ValueError(f"{path}: holds a {meta.get('contents', 'backbone')} only; evaluation needs a whole model")
     return {"model": load_file(str(path)), "config": json.loads(meta["config"]), "step": None}

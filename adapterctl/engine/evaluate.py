@@ -198,9 +198,18 @@ def run_eval(overrides: Sequence[str]) -> dict:
 
             dataset = build_det_dataset(mcfg.data, train=False)
         amp = resolve_amp(str(ecfg.trainer.amp), dist.device)
-        metrics = task.evaluate(model, dataset, dist.device, amp, int(ecfg.trainer.num_workers), dist.rank,
-                                dist.world_size, out_dir=out_dir, mode=ecfg.mode,
-                                save_predictions=bool(ecfg.save_predictions))
+        metrics = task.evaluate(
+            model,
+            dataset,
+            dist.device,
+            amp,
+            int(ecfg.trainer.num_workers),
+            dist.rank,
+            dist.world_size,
+            out_dir=out_dir,
+            mode=ecfg.mode,
+            save_predictions=bool(ecfg.save_predictions),
+        )
         if dist.is_main:
             write_metrics({"ckpt": str(ecfg.ckpt), "step": state.get("step"), **metrics}, out_dir / "metrics.json")
             console = Console(highlight=False)

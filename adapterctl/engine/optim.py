@@ -104,8 +104,9 @@ def poly_warmup_factor(
     return factor
 
 
-def step_warmup_factor(step: int, milestones: Sequence[int], gamma: float = 0.1, warmup_iters: int = 0,
-                       warmup_ratio: float = 0.001) -> float:
+def step_warmup_factor(
+    step: int, milestones: Sequence[int], gamma: float = 0.1, warmup_iters: int = 0, warmup_ratio: float = 0.001
+) -> float:
     """mmcv StepLrUpdaterHook with linear warmup (the mmdet 1x/3x schedules), as a multiplier of the base lr."""
     factor = gamma ** sum(step >= m for m in milestones)
     if step < warmup_iters:

@@ -39,17 +39,34 @@ class SegmentationTask:
     def inputs(batch: dict, device: torch.device) -> tuple:
         return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
 
-    def evaluate(self, model: nn.Module, val_set, device: torch.device, amp: str, num_workers: int, rank: int,
-                 world: int, out_dir: Path | None = None, mode: str | None = None,
-                 save_predictions: bool = False) -> dict:
+    def evaluate(
+        self,
+        model: nn.Module,
+        val_set,
+        device: torch.device,
+        amp: str,
+        num_workers: int,
+        rank: int,
+        world: int,
+        out_dir: Path | None = None,
+        mode: str | None = None,
+        save_predictions: bool = False,
+    ) -> dict:
         from adapterctl.data.loader import class_names, eval_loader
         from adapterctl.engine.evaluate import SegEvaluator, evaluate_segmentation
 
         data = self.cfg.data
         evaluator = SegEvaluator(int(data.num_classes), class_names(data), int(data.ignore_index), device)
         pred_dir = out_dir / "predictions" if (save_predictions and out_dir is not None) else None
-        return evaluate_segmentation(model, eval_loader(val_set, num_workers, rank, world), evaluator, device, amp,
-                                     mode=mode, predictions_dir=pred_dir)
+        return evaluate_segmentation(
+            model,
+            eval_loader(val_set, num_workers, rank, world),
+            evaluator,
+            device,
+            amp,
+            mode=mode,
+            predictions_dir=pred_dir,
+        )
 
     @staticmethod
     def table(metrics: dict, title: str):
@@ -77,18 +94,34 @@ class DetectionTask:
     @staticmethod
     def inputs(batch: dict, device: torch.device) -> tuple:
         images = [s["image"].to(device) for s in batch["samples"]]
-        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s["target"].items()}
-                   for s in batch["samples"]]
+        targets = [
+            {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s["target"].items()} for s in batch["samples"]
+        ]
         return images, targets
 
-    def evaluate(self, model: nn.Module, val_set, device: torch.device, amp: str, num_workers: int, rank: int,
-                 world: int, out_dir: Path | None = None, mode: str | None = None,
-                 save_predictions: bool = False) -> dict:
+    def evaluate(
+        self,
+        model: nn.Module,
+        val_set,
+        device: torch.device,
+        amp: str,
+        num_workers: int,
+        rank: int,
+        world: int,
+        out_dir: Path | None = None,
+        mode: str | None = None,
+        save_predictions: bool = False,
+    ) -> dict:
         from adapterctl.data.loader import ShardSampler
         from adapterctl.engine.coco_eval import CocoEvaluator
 
-        loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), rank, world),
-                                             num_workers=num_workers, collate_fn=list)
+        loader = torch.utils.data.DataLoader(
+            val_set,
+            batch_size=1,
+            sampler=ShardSampler(len(val_set), rank, world),
+            num_workers=num_workers,
+            collate_fn=list,
+        )
         evaluator = CocoEvaluator(val_set.coco, val_set.labels)
         was_training = model.training
         model.eval()
@@ -97,8 +130,13 @@ class DetectionTask:
                 for s in batch:
                     with autocast_context(device, amp):
                         det = model([s["image"].to(device)], original_sizes=[s["ori_size"]])[0]
-                    evaluator.update(s["target"]["image_id"], det["boxes"].float(), det["scores"].float(),
-                                     det["labels"], det["masks"][:, 0] if "masks" in det else None)
+                    evaluator.update(
+                        s["target"]["image_id"],
+                        det["boxes"].float(),
+                        det["scores"].float(),
+                        det["labels"],
+                        det["masks"][:, 0] if "masks" in det else None,
+                    )
         model.train(was_training)
         results_file = out_dir / "results.json" if out_dir is not None else None
         return evaluator.compute(results_file)

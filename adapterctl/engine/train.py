@@ -107,8 +107,8 @@ def run_train(cfg: DictConfig) -> dict:
     from adapterctl.config import save_config
     from adapterctl.data.loader import train_loader
     from adapterctl.engine.evaluate import write_metrics
-    from adapterctl.engine.tasks import get_task, headline
     from adapterctl.engine.optim import build_optimizer, build_scheduler
+    from adapterctl.engine.tasks import get_task, headline
     from adapterctl.models.build import build_model
 
     task_impl = get_task(cfg)
@@ -165,7 +165,13 @@ def run_train(cfg: DictConfig) -> dict:
         )
         train_set, val_set = task_impl.datasets()
         loader = train_loader(
-            train_set, int(t.batch_size), int(t.num_workers), dist.rank, dist.world_size, int(cfg.seed), start,
+            train_set,
+            int(t.batch_size),
+            int(t.num_workers),
+            dist.rank,
+            dist.world_size,
+            int(cfg.seed),
+            start,
             collate_fn=task_impl.collate_train,
         )
 
@@ -198,8 +204,9 @@ def run_train(cfg: DictConfig) -> dict:
 
         def run_eval(step: int) -> dict:
             _average_buffers(model, dist)
-            res = task_impl.evaluate(model, val_set, dist.device, amp, int(t.num_workers), dist.rank,
-                                     dist.world_size, out_dir=out_dir)
+            res = task_impl.evaluate(
+                model, val_set, dist.device, amp, int(t.num_workers), dist.rank, dist.world_size, out_dir=out_dir
+            )
             if dist.is_main:
                 write_metrics({"step": step, **res}, out_dir / "metrics.json")
                 _write_row(jsonl, writer, step, {f"val/{k}": res.get(k) for k in task_impl.headline})

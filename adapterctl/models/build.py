@@ -73,11 +73,17 @@ def build_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mod
     head = cfg.head
     channels = [f["num_chs"] for f in body.feature_info]
     return AdapterMaskRCNN(
-        DetBackbone(body, channels, int(head.fpn_channels)), int(head.num_classes),
-        image_mean=list(cfg.data.mean), image_std=list(cfg.data.std),
-        representation_size=int(head.representation_size), mask_channels=int(head.mask_channels),
-        rpn_post_nms_top_n_train=int(head.rpn_post_nms_top_n_train), box_score_thresh=float(head.score_thresh),
-        box_nms_thresh=float(head.nms_thresh), box_detections_per_img=int(head.max_per_img),
+        DetBackbone(body, channels, int(head.fpn_channels)),
+        int(head.num_classes),
+        image_mean=list(cfg.data.mean),
+        image_std=list(cfg.data.std),
+        representation_size=int(head.representation_size),
+        mask_channels=int(head.mask_channels),
+        rpn_post_nms_top_n_train=int(head.rpn_post_nms_top_n_train),
+        box_batch_size_per_image=int(head.get("box_batch_size_per_image", 512)),
+        box_score_thresh=float(head.score_thresh),
+        box_nms_thresh=float(head.nms_thresh),
+        box_detections_per_img=int(head.max_per_img),
         mask_threshold=float(head.mask_threshold),
     )
 
@@ -90,6 +96,7 @@ def build_model(cfg: DictConfig) -> nn.Module:
         raise ValueError(f"task must be one of {sorted(_HEAD_OF_TASK)}, got {cfg.task!r}")
     head_name, builder = _HEAD_OF_TASK[cfg.task]
     if cfg.head.get("name", head_name) != head_name:
-        raise ValueError(f"task={cfg.task} needs head={head_name}, got head={cfg.head.name} (set both, or use an "
-                         "experiment)")
+        raise ValueError(
+            f"task={cfg.task} needs head={head_name}, got head={cfg.head.name} (set both, or use an experiment)"
+        )
     return builder(cfg)

@@ -17,6 +17,7 @@ from torch import Tensor
 from adapterctl.models.official import convert_official_backbone, load_checkpoint_file, unwrap_official
 
 _HEADS = ("decode_head.", "auxiliary_head.")
+_DET_HEADS = ("neck.", "rpn_head.", "roi_head.")
 
 
 class ConversionError(RuntimeError):
@@ -36,6 +37,22 @@ def _head_overrides(full: dict[str, Tensor]) -> list[str]:
     aux = full.get("auxiliary_head.conv_seg.weight")
     if aux is not None:
         out.append(f"head.auxiliary.channels={aux.shape[1]}")
+    return out
+
+
+def _det_head_overrides(full: dict[str, Tensor]) -> list[str]:
+    """Task, class count and head widths read off an mmdet Mask R-CNN state dict."""
+    out = ["task=detection", "head=maskrcnn"]
+    cls = full.get("roi_head.bbox_head.fc_cls.weight")
+    if cls is not None:
+        out += [f"head.num_classes={cls.shape[0] - 1}", f"data.num_classes={cls.shape[0] - 1}"]
+    for key, name in (
+        ("neck.fpn_convs.0.conv.weight", "fpn_channels"),
+        ("roi_head.bbox_head.shared_fcs.0.weight", "representation_size"),
+        ("roi_head.mask_head.convs.0.conv.weight", "mask_channels"),
+    ):
+        if key in full:
+            out.append(f"head.{name}={full[key].shape[0]}")
     return out
 
 
@@ -67,11 +84,10 @@ def run_convert(
     raw = load_checkpoint_file(str(src))
     full = unwrap_official(raw, prefix=None)
     has_heads = variant == "segmentation" and any(k.startswith("decode_head.") for k in full)
+    det_heads = variant == "detection" and any(k.startswith(_DET_HEADS) for k in full)
     mode = "per_interaction" if variant == "segmentation" else "final"
-    cfg = compose(
-        "train",
-        [f"model={model}", f"model.vit_feature_mode={mode}", *(_head_overrides(full) if has_heads else []), *overrides],
-    )
+    head_overrides = _head_overrides(full) if has_heads else _det_head_overrides(full) if det_heads else []
+    cfg = compose("train", [f"model={model}", f"model.vit_feature_mode={mode}", *head_overrides, *overrides])
     backbone = build_backbone(cfg.model)
     conv = convert_official_backbone(unwrap_official(raw, prefix="backbone."), backbone)
     missing = sorted(set(backbone.state_dict()) - set(conv.state_dict))
@@ -80,8 +96,24 @@ def run_convert(
             f"{src} does not fit model '{model}': {len(missing)} model tensors have no counterpart "
             f"(first: {missing[:5]}); unconverted checkpoint keys: {conv.unconverted[:10]}"
         )
-    tensors = {f"backbone.{k}": v for k, v in conv.state_dict.items()}
+    body = "backbone.body." if det_heads else "backbone."  # the detector holds the ViT-Adapter under its FPN
+    tensors = {f"{body}{k}": v for k, v in conv.state_dict.items()}
     unconverted = [f"backbone.{k}" for k in conv.unconverted]
+    if det_heads:
+        from adapterctl.models.build import build_detector
+        from adapterctl.models.detector import convert_mmdet_heads
+
+        net = build_detector(cfg, backbone=backbone)
+        heads, _left = convert_mmdet_heads({k: v for k, v in full.items() if k.startswith(_DET_HEADS)})
+        target = net.state_dict()
+        for key, value in heads.items():
+            if key in target and target[key].shape == value.shape:
+                tensors[key] = value
+            else:
+                unconverted.append(key)
+        lacking = sorted(k for k in target if k not in tensors)
+        if lacking:
+            raise ConversionError(f"{src}: detector tensors missing for this config: {lacking[:5]}")
     if has_heads:
         net = build_segmentor(cfg, backbone=backbone)
         target = net.state_dict()
@@ -95,21 +127,28 @@ def run_convert(
         lacking = sorted(k for k in target if k.startswith(_HEADS) and k not in tensors)
         if lacking:
             raise ConversionError(f"{src}: head tensors missing for this config: {lacking[:5]}")
-    others = sorted(k for k in full if not k.startswith(("backbone.", *(_HEADS if has_heads else ()))))
+    covered = ("backbone.", *(_HEADS if has_heads else ()), *(_DET_HEADS if det_heads else ()))
+    others = sorted(k for k in full if not k.startswith(covered))
     if not any(k.startswith("backbone.") for k in full):
         others = []  # a bare backbone state dict: every key was offered to the backbone
     meta = {
         "format": "adapterctl",
         "source": str(src),
         "variant": variant,
-        "contents": "segmentor" if has_heads else "backbone",
+        "contents": "segmentor" if has_heads else "detector" if det_heads else "backbone",
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
     }
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(dst)
-    what = "segmentor (backbone + UperNet + FCN)" if has_heads else "backbone"
+    what = (
+        "segmentor (backbone + UperNet + FCN)"
+        if has_heads
+        else "detector (backbone + FPN + Mask R-CNN)"
+        if det_heads
+        else "backbone"
+    )
     lines = [f"wrote {len(tensors)} {what} tensors to {dst}"]
     if unconverted:
         lines.append(f"keys not converted ({len(unconverted)}): {', '.join(unconverted)}")
