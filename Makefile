@@ -12,6 +12,7 @@ GPUS ?= 8
 NNODES ?= 1
 TORCHRUN := $(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(GPUS)
 DEMO_DATA ?= datasets/synthetic_seg
+DEMO_DET_DATA ?= datasets/synthetic_det
 ADE20K_ROWS := ade20k_upernet_vit_adapter_t ade20k_upernet_vit_adapter_s ade20k_upernet_vit_adapter_b \
 	ade20k_upernet_vit_adapter_t_augreg ade20k_upernet_vit_adapter_b_augreg ade20k_upernet_vit_adapter_l_augreg
 COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k)))
@@ -43,6 +44,10 @@ lint: install ## ruff
 demo: install ## Synthesise data, train ViT-Adapter-T + UperNet on CPU for a few minutes, print the mIoU table
 	@test -d $(DEMO_DATA)/images || $(VENV)/bin/adapterctl data synth --task seg --out $(DEMO_DATA)
 	$(VENV)/bin/adapterctl train experiment=synthetic_upernet_vit_adapter_t_demo data.root=$(DEMO_DATA)
+
+demo-det: install ## Synthesise COCO-format data, train ViT-Adapter-T + Mask R-CNN on CPU, print box/mask AP
+	@test -d $(DEMO_DET_DATA)/annotations || $(VENV)/bin/adapterctl data synth --task det --out $(DEMO_DET_DATA)
+	$(VENV)/bin/adapterctl train experiment=synthetic_maskrcnn_vit_adapter_t_demo data.root=$(DEMO_DET_DATA)
 
 experiments: install ## List the reproduction experiments with their hyperparameters and the paper's results
 	$(VENV)/bin/adapterctl experiments
