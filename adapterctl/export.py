@@ -80,6 +80,8 @@ def run_export(overrides: Sequence[str]) -> str:
         config_name="export",
         own_keys=("ckpt", "format", "opset", "input_size", "check_parity", "paths", "atol"),
     )
+    if mcfg.task != "segmentation":
+        raise ValueError(f"{ecfg.ckpt}: export handles segmentation checkpoints; this one is {mcfg.task}")
     model = build_model(mcfg)
     model.load_state_dict(state["model"])
     model.eval()

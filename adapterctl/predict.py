@@ -52,6 +52,8 @@ def run_predict(
 
     state = load_checkpoint(ckpt)
     cfg = OmegaConf.create(state["config"])
+    if cfg.task != "segmentation":
+        raise ValueError(f"{ckpt}: predict handles segmentation checkpoints; this one is {cfg.task} (use eval)")
     dev = resolve_device(device)
     model = build_model(cfg)
     model.load_state_dict(state["model"])

@@ -87,3 +87,14 @@ def test_torchrun_two_processes_detection(synth_det, tmp_path):
     one = json.loads((single / "metrics.json").read_text())
     for k in KEYS:
         assert one[k] == ddp[k], k
+
+
+def test_predict_and_export_refuse_detection_checkpoints_clearly(synth_det, tmp_path):
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_det_overrides(synth_det, out, max_iters=1)))
+    final = out / "checkpoints" / "final.pt"
+    assert ckpt.load_checkpoint(final)["step"] == 1
+    result = runner.invoke(app, ["predict", str(final), str(synth_det / "val")])
+    assert result.exit_code == 1 and "predict handles segmentation checkpoints" in result.output
+    result = runner.invoke(app, ["export", f"ckpt={final}"])
+    assert result.exit_code == 1 and "export handles segmentation checkpoints" in result.output
