@@ -161,3 +161,64 @@ def test_cli_synth_det(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert len(json.loads((tmp_path / "d" / "annotations" / "instances_val.json").read_text())["images"]) == 2
+
+
+def _sample_target(h=300, w=400):
+    masks = torch.zeros(3, h, w, dtype=torch.uint8)
+    masks[0, 10:60, 10:80] = 1
+    masks[1, 200:290, 300:390] = 1
+    masks[2, 100:150, 150:250] = 1
+    return torch.rand(3, h, w) * 255, {
+        "boxes": torch.tensor([[10.0, 10, 80, 60], [300, 200, 390, 290], [150, 100, 250, 150]]),
+        "labels": torch.tensor([1, 2, 3]),
+        "iscrowd": torch.zeros(3, dtype=torch.int64),
+        "area": torch.tensor([3500.0, 8100, 5000]),
+        "masks": masks,
+    }
+
+
+def test_absolute_range_crop_drops_boxes_outside_and_crops_masks():
+    from adapterctl.data.coco import _crop
+
+    image, target = _sample_target()
+    for seed in range(20):
+        img, out = _crop(image, target, 100, 150, np.random.default_rng(seed))
+        h, w = img.shape[-2:]
+        assert 100 <= h <= 150 and 100 <= w <= 150
+        assert out["masks"].shape == (len(out["boxes"]), h, w)
+        assert len(out["labels"]) == len(out["boxes"]) == len(out["area"])
+        assert (out["boxes"][:, 2] > out["boxes"][:, 0]).all() and (out["boxes"][:, 3] > out["boxes"][:, 1]).all()
+        assert (out["boxes"][:, 0::2] <= w).all() and (out["boxes"][:, 1::2] <= h).all()
+
+
+def test_detr_3x_pipeline_is_seeded_and_bounded():
+    from adapterctl.data.coco import DetrTransform
+
+    t = DetrTransform([[1333, s] for s in range(480, 801, 32)])
+    image, target = _sample_target()
+    shapes = set()
+    for seed in range(12):
+        img, out = t(image, target, np.random.default_rng(seed))
+        again, out2 = t(image, target, np.random.default_rng(seed))
+        assert torch.equal(img, again) and torch.equal(out["boxes"], out2["boxes"])
+        assert max(img.shape[-2:]) <= 1024 and out["masks"].shape[-2:] == img.shape[-2:]
+        shapes.add(tuple(img.shape[-2:]))
+    assert len(shapes) > 3  # multi-scale: several output sizes
+
+
+def test_3x_experiment_uses_the_detr_pipeline(synth_det):
+    from adapterctl.config import compose
+    from adapterctl.data.coco import DetrTransform, build_det_dataset
+
+    cfg = compose(
+        "train",
+        [
+            "experiment=coco_maskrcnn_vit_adapter_t_3x",
+            f"data.train.img_dir={synth_det / 'train'}",
+            f"data.train.ann_file={synth_det / 'annotations' / 'instances_train.json'}",
+        ],
+    )
+    ds = build_det_dataset(cfg.data, train=True)
+    assert isinstance(ds.transform, DetrTransform)
+    sample = ds[(0, 5)]
+    assert sample["target"]["masks"].shape[-2:] == sample["image"].shape[-2:]

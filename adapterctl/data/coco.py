@@ -207,10 +207,18 @@ class DetTransform:
 
 
 def build_det_dataset(data, train: bool) -> CocoDetection:
-    """A :class:`CocoDetection` from the ``data`` config section (``train`` or ``test`` split)."""
+    """A :class:`CocoDetection` from the ``data`` config section (``train`` or ``test`` split).
+
+    ``data.train.pipeline``: ``1x`` (resize to one of ``scales`` + flip) or ``3x`` (:class:`DetrTransform`)."""
     split = data.train if train else data.test
     scales = [list(s) for s in split.scales]
-    transform = DetTransform(scales, float(split.get("flip_prob", 0.0)) if train else 0.0)
+    pipeline = str(split.get("pipeline", "1x")) if train else "test"
+    if pipeline == "3x":
+        transform = DetrTransform(scales, flip_prob=float(split.get("flip_prob", 0.5)))
+    elif pipeline in ("1x", "test"):
+        transform = DetTransform(scales, float(split.get("flip_prob", 0.0)) if train else 0.0)
+    else:
+        raise ValueError(f"data.train.pipeline must be 1x or 3x, got {pipeline!r}")
     return CocoDetection(
         split.img_dir,
         split.ann_file,
@@ -219,3 +227,63 @@ def build_det_dataset(data, train: bool) -> CocoDetection:
         on_bad_sample=data.get("on_bad_sample", "error"),
         transform=transform,
     )
+
+
+def _crop(image: torch.Tensor, target: dict, lo: int, hi: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+    """mmdet RandomCrop(crop_type='absolute_range', allow_negative_crop=True): a (h, w) in [lo, hi] (capped by the
+    image) at a random offset; boxes shifted and clipped, boxes left without area dropped with their masks."""
+    h, w = image.shape[-2:]
+    ch = int(rng.integers(min(h, lo), min(h, hi) + 1))
+    cw = int(rng.integers(min(w, lo), min(w, hi) + 1))
+    y0 = int(rng.integers(0, max(h - ch, 0) + 1))
+    x0 = int(rng.integers(0, max(w - cw, 0) + 1))
+    image = image[:, y0 : y0 + ch, x0 : x0 + cw]
+    boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=target["boxes"].dtype)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, cw)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ch)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    out = dict(target)
+    out["boxes"] = boxes[keep]
+    for key in ("labels", "iscrowd", "area"):
+        if key in out:
+            out[key] = out[key][keep]
+    if "masks" in out:
+        out["masks"] = out["masks"][keep][:, y0 : y0 + ch, x0 : x0 + cw]
+    return image, out
+
+
+class DetrTransform:
+    """The 3x schedule's pipeline (DETR / Sparse R-CNN augmentation, heads.md §3.7): flip first; then with equal
+    probability (A) a multi-scale resize, or (B) resize to a short side of 400/500/600, a random crop of 384-600
+    and a multi-scale resize of the crop; finally a random crop of at most 1024 x 1024."""
+
+    def __init__(
+        self,
+        scales: Sequence[Sequence[int]],
+        crop_scales: Sequence[Sequence[int]] = ((1333, 400), (1333, 500), (1333, 600)),
+        crop_range: Sequence[int] = (384, 600),
+        final_crop: int = 1024,
+        flip_prob: float = 0.5,
+    ) -> None:
+        self.resize = DetTransform(scales, 0.0)
+        self.pre_crop = DetTransform(crop_scales, 0.0)
+        self.crop_range = (int(crop_range[0]), int(crop_range[1]))
+        self.final_crop = int(final_crop)
+        self.flip_prob = flip_prob
+
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        if self.flip_prob and rng.random() < self.flip_prob:
+            w = image.shape[-1]
+            image = image.flip(-1)
+            target = dict(target)
+            b = target["boxes"]
+            target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
+        if rng.integers(2) == 0:
+            image, target = self.resize(image, target, rng)
+        else:
+            image, target = self.pre_crop(image, target, rng)
+            image, target = _crop(image, target, *self.crop_range, rng)
+            image, target = self.resize(image, target, rng)
+        return _crop(image, target, self.final_crop, self.final_crop, rng)
