@@ -222,3 +222,22 @@ def test_3x_experiment_uses_the_detr_pipeline(synth_det):
     assert isinstance(ds.transform, DetrTransform)
     sample = ds[(0, 5)]
     assert sample["target"]["masks"].shape[-2:] == sample["image"].shape[-2:]
+
+
+def test_training_filters_tiny_boxes_and_small_images(synth_det, tmp_path):
+    data = json.loads((synth_det / "annotations" / "instances_val.json").read_text())
+    first = data["annotations"][0]
+    first["bbox"] = [first["bbox"][0], first["bbox"][1], 0.5, first["bbox"][3]]  # narrower than a pixel
+    with_objects = {a["image_id"] for a in data["annotations"][1:] if not a["iscrowd"]}
+    small = next(i for i in reversed(data["images"]) if i["id"] in with_objects)
+    small["width"] = 20  # a side under 32 px
+    path = tmp_path / "filtered.json"
+    path.write_text(json.dumps(data))
+    train = CocoDetection(synth_det / "val", path, train=True)
+    full = CocoDetection(synth_det / "val", path, train=False)
+    assert small["id"] not in train.ids and small["id"] in full.ids
+    if first["image_id"] in train.ids:
+        target = train[train.ids.index(first["image_id"])]["target"]
+        assert (target["boxes"][:, 2] - target["boxes"][:, 0] >= 1).all()
+    eval_target = full[full.ids.index(first["image_id"])]["target"]
+    assert len(eval_target["boxes"]) == sum(a["image_id"] == first["image_id"] for a in data["annotations"])

@@ -123,8 +123,11 @@ class CocoDetection(Dataset):
                     raise DataError(problem)
                 self.skipped.append(problem)
                 continue
-            if train and not any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(img_id, [])):
+            if train and not any(self._trainable(a) for a in self.coco.imgToAnns.get(img_id, [])):
                 continue  # no objects to learn from (mmdet's filter_empty_gt)
+            info = self.coco.imgs[img_id]
+            if train and min(info.get("height", 32), info.get("width", 32)) < 32:
+                continue  # mmdet's min_size=32 filter on training images
             kept.append(img_id)
         if self.skipped:
             log.warning("skipping %d bad images or annotations, e.g. %s", len(self.skipped), self.skipped[0])
@@ -144,6 +147,12 @@ class CocoDetection(Dataset):
                 return f"{where}: box {bbox} has no area (expected [x, y, w, h] with w, h > 0)"
         return None
 
+    @staticmethod
+    def _trainable(ann: dict) -> bool:
+        """mmdet's training filter: not crowd, area > 0, box at least 1 x 1 pixel."""
+        _, _, w, h = ann["bbox"]
+        return not ann.get("iscrowd", 0) and ann.get("area", 1) > 0 and w >= 1 and h >= 1
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -153,7 +162,7 @@ class CocoDetection(Dataset):
         info = self.coco.imgs[img_id]
         image = load_image(self.img_dir / info["file_name"])
         h, w = image.shape[-2:]
-        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not (self.train and a.get("iscrowd", 0))]
+        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not self.train or self._trainable(a)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
