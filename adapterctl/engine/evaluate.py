@@ -189,14 +189,7 @@ def run_eval(overrides: Sequence[str]) -> dict:
         model = build_model(mcfg)
         model.load_state_dict(state["model"])
         model.to(dist.device)
-        if mcfg.task == "segmentation":
-            from adapterctl.data.loader import build_seg_dataset
-
-            dataset = build_seg_dataset(mcfg.data, train=False)
-        else:
-            from adapterctl.data.coco import build_det_dataset
-
-            dataset = build_det_dataset(mcfg.data, train=False)
+        dataset = task.dataset(train=False)
         amp = resolve_amp(str(ecfg.trainer.amp), dist.device)
         metrics = task.evaluate(
             model,

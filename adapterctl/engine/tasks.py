@@ -24,10 +24,10 @@ class SegmentationTask:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
 
-    def datasets(self):
+    def dataset(self, train: bool):
         from adapterctl.data.loader import build_seg_dataset
 
-        return build_seg_dataset(self.cfg.data, train=True), build_seg_dataset(self.cfg.data, train=False)
+        return build_seg_dataset(self.cfg.data, train=train)
 
     @staticmethod
     def collate_train(batch):
@@ -82,10 +82,10 @@ class DetectionTask:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
 
-    def datasets(self):
+    def dataset(self, train: bool):
         from adapterctl.data.coco import build_det_dataset
 
-        return build_det_dataset(self.cfg.data, train=True), build_det_dataset(self.cfg.data, train=False)
+        return build_det_dataset(self.cfg.data, train=train)
 
     @staticmethod
     def collate_train(batch):

@@ -163,7 +163,7 @@ def run_train(cfg: DictConfig) -> dict:
             if dist.distributed
             else model
         )
-        train_set, val_set = task_impl.datasets()
+        train_set, val_set = task_impl.dataset(train=True), task_impl.dataset(train=False)
         loader = train_loader(
             train_set,
             int(t.batch_size),
