@@ -267,3 +267,21 @@ def test_export_rejects_bad_size(synth_seg, tmp_path):
     run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=2, checkpoint_interval=100)))
     result = runner.invoke(app, ["export", f"ckpt={out / 'checkpoints' / 'final.pt'}", "input_size=[60,96]"])
     assert result.exit_code == 1 and "multiples of 32" in result.output
+
+
+def test_gradient_clipping_is_applied_when_set(synth_seg, tmp_path, monkeypatch):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        seen.append(max_norm)
+        return real(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    run_train(
+        compose("train", tiny_train_overrides(synth_seg, tmp_path / "clip", max_iters=2) + ["optim.grad_clip=0.5"])
+    )
+    assert seen == [0.5, 0.5]
+    seen.clear()
+    run_train(compose("train", tiny_train_overrides(synth_seg, tmp_path / "noclip", max_iters=2)))
+    assert seen == []  # the official configs do not clip
