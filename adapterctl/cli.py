@@ -186,11 +186,13 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
     mode: Annotated[str | None, typer.Option(help="whole, slide or aug (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    score_thr: Annotated[float, typer.Option(help="Detection: keep detections scoring at least this.")] = 0.5,
 ) -> None:
-    """Segment images: a palette label PNG and a colour overlay per image, at the original size."""
+    """Run a checkpoint on images. Segmentation: a palette label PNG and a colour overlay per image.
+    Detection: a JSON of boxes, scores, class names and RLE masks, and an overlay. Original image size."""
     from adapterctl.predict import run_predict
 
-    written = _run_guarded(run_predict, ckpt, inputs, out, mode, device)
+    written = _run_guarded(run_predict, ckpt, inputs, out, mode, device, 0.5, score_thr)
     typer.echo(f"wrote {len(written)} predictions to {out}")
 
 

@@ -89,12 +89,34 @@ def test_torchrun_two_processes_detection(synth_det, tmp_path):
         assert one[k] == ddp[k], k
 
 
-def test_predict_and_export_refuse_detection_checkpoints_clearly(synth_det, tmp_path):
+def test_predict_writes_detections_and_export_refuses_clearly(synth_det, tmp_path):
+    from PIL import Image
+
     out = tmp_path / "run"
     run_train(compose("train", tiny_det_overrides(synth_det, out, max_iters=1)))
     final = out / "checkpoints" / "final.pt"
-    assert ckpt.load_checkpoint(final)["step"] == 1
-    result = runner.invoke(app, ["predict", str(final), str(synth_det / "val")])
-    assert result.exit_code == 1 and "predict handles segmentation checkpoints" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(final),
+            str(synth_det / "val"),
+            "--out",
+            str(tmp_path / "pred"),
+            "--score-thr",
+            "0.0",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    images = sorted((synth_det / "val").glob("*.jpg"))
+    for img in images:
+        rows = json.loads((tmp_path / "pred" / f"{img.stem}.json").read_text())
+        assert rows["size"] == list(reversed(Image.open(img).size))
+        for r in rows["detections"]:
+            assert r["name"] in ("disc", "square", "triangle", "ring") and len(r["box_xyxy"]) == 4
+            assert r["mask_rle"]["size"] == rows["size"]
+        assert (tmp_path / "pred" / f"{img.stem}_overlay.jpg").is_file()
     result = runner.invoke(app, ["export", f"ckpt={final}"])
     assert result.exit_code == 1 and "export handles segmentation checkpoints" in result.output
