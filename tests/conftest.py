@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,20 @@ def tiny_det_overrides(data_root: Path, out_dir: Path, **trainer) -> list[str]:
         "schedule.milestones=[2]",
         *[f"trainer.{k}={v}" for k, v in t.items()],
     ]
+
+
+def torchrun_train(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m adapterctl train ...`` on CPU (gloo), one thread each."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "adapterctl",
+        "train",
+        *overrides,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

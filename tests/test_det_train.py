@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -15,7 +12,7 @@ from adapterctl.config import compose
 from adapterctl.engine import checkpoint as ckpt
 from adapterctl.engine.train import run_train
 
-from .conftest import tiny_det_overrides
+from .conftest import tiny_det_overrides, torchrun_train
 
 runner = CliRunner()
 KEYS = [f"{k}_{s}" for k in ("bbox", "segm") for s in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
@@ -63,19 +60,7 @@ def test_detection_needs_the_detection_head(tmp_path):
 
 def test_torchrun_two_processes_detection(synth_det, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "adapterctl",
-        "train",
-        *tiny_det_overrides(synth_det, out, max_iters=2, batch_size=1),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun_train(tiny_det_overrides(synth_det, out, max_iters=2, batch_size=1))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = json.loads((out / "metrics.json").read_text())
     # 4 validation images over 2 ranks, gathered on rank 0: the same numbers as one process on the checkpoint

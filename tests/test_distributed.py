@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 from typer.testing import CliRunner
 
 from adapterctl.cli import app
 
-from .conftest import tiny_train_overrides
+from .conftest import tiny_train_overrides, torchrun_train
 
 
 def test_torchrun_two_processes_train_and_evaluate_each_image_once(synth_seg, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "adapterctl",
-        "train",
-        *tiny_train_overrides(synth_seg, out, max_iters=2, batch_size=2),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = torchrun_train(tiny_train_overrides(synth_seg, out, max_iters=2, batch_size=2))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp_metrics = json.loads((out / "metrics.json").read_text())
     state_dir = out / "checkpoints"
