@@ -91,14 +91,9 @@ def convert(
 
     Keys that have no place in the model are listed, never silently dropped.
     """
-    from adapterctl.config import ConfigError
-    from adapterctl.models.convert import ConversionError, run_convert
+    from adapterctl.models.convert import run_convert
 
-    try:
-        report = run_convert(src, dst, model=model, variant=variant, overrides=overrides or [])
-    except (ConfigError, ConversionError, FileNotFoundError, ValueError) as exc:
-        raise _fail(str(exc), code=1) from None
-    typer.echo(report)
+    typer.echo(_run_guarded(lambda: run_convert(src, dst, model=model, variant=variant, overrides=overrides or [])))
 
 
 @app.command()
@@ -121,21 +116,36 @@ def bench(
 
 
 def _run_guarded(fn, *args):
-    """Run a command body; known user errors become one message and a non-zero exit, no traceback."""
+    """Run a command body; user errors become one line and a non-zero exit, no traceback.
+
+    Exit status: 0 done, 1 failed (data, checkpoint, output, training), 2 bad command line or config,
+    75 preempted by SIGTERM/SIGINT after a checkpoint (resume with ``resume=true``), 130 interrupted elsewhere.
+    """
     import os
 
-    from adapterctl.config import ConfigError
-    from adapterctl.data.ade20k import DataError
-    from adapterctl.engine.train import TrainingError
+    from adapterctl.errors import AdapterctlError, Preempted, os_reason
 
+    debug = bool(os.environ.get("ADAPTERCTL_DEBUG"))
+    hint = "" if debug else "  (ADAPTERCTL_DEBUG=1 shows the traceback)"
     try:
         return fn(*args)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    except (DataError, TrainingError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("ADAPTERCTL_DEBUG"):
+    except Preempted as exc:
+        raise _fail(str(exc), code=exc.exit_code) from None
+    except AdapterctlError as exc:
+        if debug:
             raise
-        raise _fail(_last_line(exc) + "  (ADAPTERCTL_DEBUG=1 shows the traceback)", code=1) from None
+        raise _fail(_last_line(exc) + (hint if exc.exit_code == 1 else ""), code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", code=130) from None
+    except OSError as exc:  # a read or write the code did not wrap: still one line naming the path
+        if debug:
+            raise
+        message = f"{exc.filename}: {os_reason(exc)}" if exc.filename else _last_line(exc)
+        raise _fail(message + hint, code=1) from None
+    except (FileNotFoundError, ValueError) as exc:
+        if debug:
+            raise
+        raise _fail(_last_line(exc) + hint, code=1) from None
 
 
 def _last_line(exc: BaseException) -> str:
@@ -187,12 +197,15 @@ def predict(
     mode: Annotated[str | None, typer.Option(help="whole, slide or aug (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     score_thr: Annotated[float, typer.Option(help="Detection: keep detections scoring at least this.")] = 0.5,
+    amp: Annotated[
+        str | None, typer.Option(help="auto, bf16, fp16 or none (default: the precision the checkpoint trained in).")
+    ] = None,
 ) -> None:
     """Run a checkpoint on images. Segmentation: a palette label PNG and a colour overlay per image.
     Detection: a JSON of boxes, scores, class names and RLE masks, and an overlay. Original image size."""
     from adapterctl.predict import run_predict
 
-    written = _run_guarded(run_predict, ckpt, inputs, out, mode, device, 0.5, score_thr)
+    written = _run_guarded(run_predict, ckpt, inputs, out, mode, device, 0.5, score_thr, amp)
     typer.echo(f"wrote {len(written)} predictions to {out}")
 
 

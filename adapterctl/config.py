@@ -13,12 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from adapterctl.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 ROOT_CONFIGS = ("train", "eval", "export")
-
-
-class ConfigError(ValueError):
-    """A config could not be composed; the message names the bad item and the valid choices."""
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -145,10 +143,6 @@ def to_yaml(cfg: DictConfig | ListConfig) -> str:
 
 def save_config(cfg: DictConfig, directory: str | Path) -> Path:
     """Write the resolved config as ``config.yaml`` (atomically) and return its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
-    return path
+    from adapterctl.files import write_text
+
+    return write_text(Path(directory) / "config.yaml", to_yaml(cfg))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from adapterctl.data.ade20k import IMAGE_SUFFIXES, load_image
+from adapterctl.errors import ConfigError, DataError
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -26,9 +27,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"input not found: {item}")
+            raise DataError(f"input not found: {item}")
     if not files:
-        raise FileNotFoundError(f"no images in {', '.join(map(str, inputs))}")
+        raise DataError(f"no images in {', '.join(map(str, inputs))}")
     return files
 
 
@@ -41,70 +42,99 @@ def run_predict(
     device: str = "auto",
     alpha: float = 0.5,
     score_thr: float = 0.3,
+    amp: str | None = None,
 ) -> list[Path]:
-    """Segmentation: ``<stem>.png`` (class index per pixel, palette PNG) and ``<stem>_overlay.jpg`` per image.
-    Detection: ``<stem>.json`` (boxes xyxy in original pixels, scores, class names, RLE masks, for detections
-    scoring at least ``score_thr``) and ``<stem>_overlay.jpg`` (masks tinted, boxes outlined)."""
+    """Segmentation: ``<stem>.png`` (a palette PNG holding the values the dataset's annotation PNGs use: class
+    k as k + 1 where 0 means unlabelled, e.g. ADE20K; else k) and ``<stem>_overlay.jpg`` per image.
+    Detection: ``<stem>.json`` (detections scoring at least ``score_thr`` in the COCO results format of
+    ``results.json``: ``bbox`` [x, y, w, h] in original pixels, ``category_id`` the dataset's id, ``score``,
+    ``segmentation`` RLE, plus the class ``name``) and ``<stem>_overlay.jpg`` (masks tinted, boxes outlined).
+    ``amp``: None runs in the precision the checkpoint was trained in."""
     from omegaconf import OmegaConf
     from PIL import Image
 
+    from adapterctl.data.loader import to_annotation_values
     from adapterctl.data.transforms import EvalTransform
     from adapterctl.engine.checkpoint import load_checkpoint
     from adapterctl.engine.distributed import resolve_device
+    from adapterctl.engine.precision import autocast_context, checkpoint_precision, resolve_amp
+    from adapterctl.files import ensure_dir
     from adapterctl.models.build import build_model
 
+    if mode not in (None, "whole", "slide", "aug"):
+        raise ConfigError(f"--mode must be whole, slide or aug, got {mode!r}")
     state = load_checkpoint(ckpt)
     cfg = OmegaConf.create(state["config"])
     dev = resolve_device(device)
+    precision = resolve_amp(amp or checkpoint_precision(cfg), dev)
+    images = collect_images(inputs)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model.to(dev).eval()
+    out_dir = ensure_dir(out_dir)
     if cfg.task == "detection":
-        return _predict_detection(model, cfg, inputs, Path(out_dir), dev, score_thr, alpha)
+        if mode is not None:
+            raise ConfigError(f"--mode {mode}: inference modes are for segmentation checkpoints")
+        with autocast_context(dev, precision):
+            return _predict_detection(model, cfg, images, out_dir, dev, score_thr, alpha)
     transform = EvalTransform(list(cfg.data.test.scale), int(cfg.data.test.size_divisor))
+    offset = int(bool(cfg.data.get("reduce_zero_label", False)))
     colours = palette(int(cfg.data.num_classes))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    png_palette = np.concatenate([np.zeros((offset, 3), np.uint8), colours]).reshape(-1).tolist()
     written = []
-    for path in collect_images(inputs):
+    for path in images:
         img = load_image(path)
-        scores = model.predict(transform(img)[None].to(dev), out_size=tuple(img.shape[-2:]), mode=mode)
-        pred = scores.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        label = Image.fromarray(pred, mode="P")
-        label.putpalette(colours.reshape(-1).tolist())
-        label.save(out_dir / f"{path.stem}.png")
+        with autocast_context(dev, precision):
+            scores = model.predict(transform(img)[None].to(dev), out_size=tuple(img.shape[-2:]), mode=mode)
+        pred = scores.argmax(1)[0].cpu().numpy()
+        label = Image.fromarray(to_annotation_values(pred, bool(offset)), mode="P")
+        label.putpalette(png_palette)
+        _save(label, out_dir / f"{path.stem}.png")
         rgb = img.permute(1, 2, 0).numpy()
         overlay = (1 - alpha) * rgb + alpha * colours[pred].astype(np.float32)
-        Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(out_dir / f"{path.stem}_overlay.jpg", quality=92)
+        _save(Image.fromarray(overlay.clip(0, 255).astype(np.uint8)), out_dir / f"{path.stem}_overlay.jpg")
         written.append(out_dir / f"{path.stem}.png")
     return written
 
 
-def _class_names(cfg) -> list[str]:
-    if cfg.data.get("classes"):
-        return list(cfg.data.classes)
-    ann = Path(str(cfg.data.test.get("ann_file", "")))
+def _save(image, path: Path) -> None:
+    from adapterctl.files import atomic_write
+
+    fmt = "JPEG" if path.suffix == ".jpg" else "PNG"
+    atomic_write(path, lambda f: image.save(f, format=fmt, **({"quality": 92} if fmt == "JPEG" else {})))
+
+
+def _categories(cfg) -> tuple[list[str], list[int]]:
+    """Class names and COCO category ids: from the checkpoint's config (recorded at training), else from the
+    annotation file named there, else numbered."""
+    data = cfg.data
+    if data.get("classes") and data.get("category_ids"):
+        return list(data.classes), [int(c) for c in data.category_ids]
+    ann = Path(str(data.test.get("ann_file", "")))
     if ann.is_file():
         from adapterctl.data.coco import LabelMap, load_coco
 
-        return LabelMap.from_coco(load_coco(ann)).names
-    return [f"class {i + 1}" for i in range(int(cfg.data.num_classes))]
+        labels = LabelMap.from_coco(load_coco(ann))
+        return labels.names, labels.cat_ids
+    n = int(data.num_classes)
+    names = list(data.classes) if data.get("classes") else [f"class {i + 1}" for i in range(n)]
+    return names, list(range(1, n + 1))
 
 
-def _predict_detection(model, cfg, inputs, out_dir: Path, dev, score_thr: float, alpha: float) -> list[Path]:
+def _predict_detection(model, cfg, images, out_dir: Path, dev, score_thr: float, alpha: float) -> list[Path]:
     import json
 
     from PIL import Image, ImageDraw
     from pycocotools import mask as mask_utils
 
     from adapterctl.data.coco import DetTransform
+    from adapterctl.files import write_text
 
-    names = _class_names(cfg)
+    names, cat_ids = _categories(cfg)
     colours = palette(len(names) + 1)
     transform = DetTransform([list(s) for s in cfg.data.test.scales])
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in collect_images(inputs):
+    for path in images:
         img = load_image(path)
         h, w = img.shape[-2:]
         resized, _ = transform(img, {"boxes": torch.zeros(0, 4)}, np.random.default_rng(0))
@@ -123,18 +153,20 @@ def _predict_detection(model, cfg, inputs, out_dir: Path, dev, score_thr: float,
             draw.rectangle(box, outline=tuple(int(c) for c in colours[lab]), width=2)
             draw.text((box[0] + 2, box[1] + 1), f"{name} {score:.2f}", fill=(255, 255, 255))
             rle = mask_utils.encode(np.asfortranarray(masks[i].astype(np.uint8)))
+            x0, y0, x1, y1 = box
             rows.append(
                 {
-                    "box_xyxy": [round(v, 2) for v in box],
-                    "score": round(score, 4),
-                    "label": lab,
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "category_id": cat_ids[lab - 1] if 0 < lab <= len(cat_ids) else lab,
                     "name": name,
-                    "mask_rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "score": round(score, 4),
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
                 }
             )
-        overlay.save(out_dir / f"{path.stem}_overlay.jpg", quality=92)
-        (out_dir / f"{path.stem}.json").write_text(
-            json.dumps({"image": str(path), "size": [h, w], "detections": rows}, indent=1)
+        _save(overlay, out_dir / f"{path.stem}_overlay.jpg")
+        write_text(
+            out_dir / f"{path.stem}.json",
+            json.dumps({"image": str(path), "size": [h, w], "detections": rows}, indent=1),
         )
         written.append(out_dir / f"{path.stem}.json")
     return written

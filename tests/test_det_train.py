@@ -99,9 +99,10 @@ def test_predict_writes_detections_and_export_refuses_clearly(synth_det, tmp_pat
     for img in images:
         rows = json.loads((tmp_path / "pred" / f"{img.stem}.json").read_text())
         assert rows["size"] == list(reversed(Image.open(img).size))
-        for r in rows["detections"]:
-            assert r["name"] in ("disc", "square", "triangle", "ring") and len(r["box_xyxy"]) == 4
-            assert r["mask_rle"]["size"] == rows["size"]
+        for r in rows["detections"]:  # the COCO results format of results.json, plus the class name
+            assert r["name"] in ("disc", "square", "triangle", "ring") and len(r["bbox"]) == 4
+            assert r["category_id"] in (1, 3, 7, 12) and r["bbox"][2] >= 0 and r["bbox"][3] >= 0
+            assert r["segmentation"]["size"] == rows["size"]
         assert (tmp_path / "pred" / f"{img.stem}_overlay.jpg").is_file()
     result = runner.invoke(app, ["export", f"ckpt={final}"])
     assert result.exit_code == 1 and "export handles segmentation checkpoints" in result.output

@@ -7,6 +7,7 @@ import math
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,6 +18,7 @@ from adapterctl.config import compose
 from adapterctl.engine import checkpoint as ckpt
 from adapterctl.engine.optim import param_groups, poly_warmup_factor
 from adapterctl.engine.train import TrainingError, run_train
+from adapterctl.errors import ConfigError, Preempted
 
 from .conftest import TINY_MODEL, tiny_train_overrides
 
@@ -58,7 +60,8 @@ def test_sigterm_checkpoints_and_resume_continues_the_same_loss_curve(synth_seg,
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_signal)
-    run_train(compose("train", tiny_train_overrides(synth_seg, part, max_iters=4, checkpoint_interval=100)))
+    with pytest.raises(Preempted, match="preempted at iteration 2"):
+        run_train(compose("train", tiny_train_overrides(synth_seg, part, max_iters=4, checkpoint_interval=100)))
     monkeypatch.undo()
     assert [s for s, _ in ckpt.list_checkpoints(part / "checkpoints")] == [2]
     run_train(compose("train", tiny_train_overrides(synth_seg, part, max_iters=4) + ["resume=true"]))
@@ -70,7 +73,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_same_loss_curve(synth_seg,
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "ckpts" / "iter_0000001.pt"
-    ckpt.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    ckpt.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}, "config": {}}, path)
 
     def broken_save(obj, f, *a, **k):
         f.write(b"partial bytes")
@@ -78,7 +81,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+        ckpt.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}, "config": {}}, path)
     monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["iter_0000001.pt"]
@@ -206,11 +209,11 @@ def test_bf16_autocast_trains_and_predicts():
 
 
 def test_amp_resolution():
-    from adapterctl.engine.train import resolve_amp
+    from adapterctl.engine.precision import resolve_amp
 
     assert resolve_amp("none", torch.device("cpu")) == "none"
     assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "none")
-    with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_amp("fp16", torch.device("cpu"))
 
 
@@ -233,10 +236,24 @@ def test_predict_writes_label_maps_and_overlays(synth_seg, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+    evaluated = runner.invoke(
+        app,
+        [
+            "eval",
+            f"ckpt={out / 'checkpoints' / 'final.pt'}",
+            "save_predictions=true",
+            f"paths.output_dir={tmp_path / 'ev'}",
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
     for img in sorted(images.glob("*.jpg")):
         label = Image.open(tmp_path / "pred" / f"{img.stem}.png")
         assert label.size == Image.open(img).size and label.mode == "P"
-        assert max(label.getextrema()) < 8
+        # one convention with `eval save_predictions` and the annotations: class k written k + 1, 0 = unlabelled
+        low, high = label.getextrema()
+        assert low >= 1 and high <= 8
+        same = np.asarray(Image.open(tmp_path / "ev" / "predictions" / f"{img.stem}.png"))
+        assert np.array_equal(np.asarray(label), same)
         assert (tmp_path / "pred" / f"{img.stem}_overlay.jpg").is_file()
     missing = runner.invoke(app, ["predict", str(out / "checkpoints" / "final.pt"), str(tmp_path / "nope.jpg")])
     assert missing.exit_code == 1 and "nope.jpg" in missing.output

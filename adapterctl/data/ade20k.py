@@ -12,13 +12,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from adapterctl.data.transforms import IGNORE, EvalTransform, TrainTransform
+from adapterctl.errors import DataError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and what is wrong with it."""
 
 
 def load_image(path: Path) -> torch.Tensor:

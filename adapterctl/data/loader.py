@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from adapterctl.data.ade20k import SegmentationFolder, collate_eval, collate_train
 from adapterctl.data.classes import ADE20K_CLASSES
 from adapterctl.data.transforms import EvalTransform, TrainTransform
+from adapterctl.errors import DataError
 
 
 class InfiniteTrainSampler(Sampler):
@@ -59,11 +62,36 @@ class ShardSampler(Sampler):
 
 
 def class_names(data: DictConfig) -> list[str]:
-    if data.get("classes"):
-        return list(data.classes)
-    if data.name == "ade20k" and data.num_classes == len(ADE20K_CLASSES):
-        return list(ADE20K_CLASSES)
-    return [str(i) for i in range(data.num_classes)]
+    """``data.classes``, else ``classes.txt`` in the data root (one name per line), else ADE20K's names for
+    ADE20K, else the indices. A list whose length differs from ``data.num_classes`` is an error."""
+    source = "data.classes"
+    names = list(data.classes) if data.get("classes") else None
+    class_file = Path(str(data.root)) / "classes.txt"
+    if names is None and class_file.is_file():
+        names = [ln.strip() for ln in class_file.read_text().splitlines() if ln.strip()]
+        source = str(class_file)
+    if names is None:
+        if data.name == "ade20k" and data.num_classes == len(ADE20K_CLASSES):
+            return list(ADE20K_CLASSES)
+        return [str(i) for i in range(data.num_classes)]
+    if len(names) != int(data.num_classes):
+        raise DataError(f"{source} names {len(names)} classes but data.num_classes={data.num_classes}; make them agree")
+    return names
+
+
+def to_annotation_values(pred: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
+    """Predicted classes 0..K-1 as the values the dataset's annotation PNGs use, the one convention of every label
+    PNG adapterctl writes (``eval save_predictions=true`` and ``predict``): with ``reduce_zero_label`` (ADE20K,
+    COCO-Stuff) class k is written k + 1 and 0 stays "unlabelled", as the ADE20K test server expects; else k."""
+    return (pred.astype(np.int64) + int(reduce_zero_label)).astype(np.uint8)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """DataLoader workers leave SIGINT/SIGTERM to the main process: a scheduler or Ctrl-C signals the whole
+    process group, and a worker that died first would take the main process down before it checkpoints.
+    (Workers still exit when the main process does: torch's workers watch their parent.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_seg_dataset(data: DictConfig, train: bool) -> SegmentationFolder:
@@ -114,14 +142,16 @@ def train_loader(
         collate_fn=collate_fn,
         drop_last=True,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
     )
 
 
-def eval_loader(dataset, num_workers: int, rank: int, world: int) -> DataLoader:
+def eval_loader(dataset, num_workers: int, rank: int, world: int, collate_fn=collate_eval) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=1,
         sampler=ShardSampler(len(dataset), rank, world),
         num_workers=num_workers,
-        collate_fn=collate_eval,
+        collate_fn=collate_fn,
+        worker_init_fn=_ignore_stop_signals,
     )

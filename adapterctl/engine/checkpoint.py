@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from adapterctl.errors import CheckpointError
+from adapterctl.files import atomic_write, torch_load
 
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
 
@@ -30,34 +31,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` via a temporary file in the same folder and an atomic rename: a crash
-    mid-write leaves the previous file (and no partial one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename): a crash or a full disk mid-write
+    leaves the previous file and no partial one; a failure is an ``OutputError`` naming the path."""
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint (.pt), or a converted model (.safetensors from ``adapterctl convert``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return _load_converted(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable adapterctl checkpoint ({exc})") from None
+    state = torch_load(path)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(
+            f"{path}: not an adapterctl checkpoint (no stored model and config: a bare state dict or another "
+            "tool's file); official ViT-Adapter files go through `adapterctl convert`"
+        )
+    return state
+
+
+def non_finite_tensors(*states: Any) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf in nested dicts/lists of tensors
+    (a model's state dict, an optimizer's)."""
+    bad: list[str] = []
+
+    def walk(obj: Any, name: str) -> None:
+        if torch.is_tensor(obj):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                bad.append(name)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}")
+
+    for i, state in enumerate(states):
+        walk(state, "" if i == 0 else f"<{i}>")
+    return bad
 
 
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
@@ -91,10 +104,17 @@ def _load_converted(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a malformed header
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({exc})") from None
     if meta.get("format") != "adapterctl" or "config" not in meta:
-        raise ValueError(f"{path}: not an adapterctl file (convert official checkpoints with `adapterctl convert`)")
+        raise CheckpointError(
+            f"{path}: not an adapterctl file (convert official checkpoints with `adapterctl convert`)"
+        )
     if meta.get("contents") not in ("segmentor", "detector"):
-        raise ValueError(f"{path}: holds a {meta.get('contents', 'backbone')} only; evaluation needs a whole model")
+        raise CheckpointError(
+            f"{path}: holds a {meta.get('contents', 'backbone')} only; evaluation needs a whole model"
+        )
     return {"model": load_file(str(path)), "config": json.loads(meta["config"]), "step": None}

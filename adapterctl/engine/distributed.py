@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from adapterctl.errors import ConfigError, DeviceError
 
 
 @dataclass
@@ -30,11 +33,13 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
+            raise DeviceError(
+                "trainer.device=cuda but no CUDA device is available here; use trainer.device=cpu or auto"
+            )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if device != "cpu":
-        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
+        raise ConfigError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
     return torch.device("cpu")
 
 
@@ -57,6 +62,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (a decision all ranks must share); ``obj`` itself in one process."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from adapterctl.engine.precision import autocast_context
 
 
 class SegEvaluator:
@@ -66,14 +67,6 @@ def _pct(x: float) -> float | None:
     return None if math.isnan(x) else round(100.0 * float(x), 4)
 
 
-def autocast_context(device: torch.device, amp: str):
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return nullcontext()
-
-
 @torch.inference_mode()
 def evaluate_segmentation(
     model: nn.Module,
@@ -83,9 +76,12 @@ def evaluate_segmentation(
     amp: str = "none",
     mode: str | None = None,
     predictions_dir: Path | None = None,
+    reduce_zero_label: bool = True,
 ) -> dict:
     """Predict each image at its original size and accumulate the metric; returns ``evaluator.compute()``."""
     from PIL import Image
+
+    from adapterctl.data.loader import to_annotation_values
 
     was_training = model.training
     model.eval()
@@ -99,18 +95,16 @@ def evaluate_segmentation(
             evaluator.update(pred, sample["label"].to(device))
             if predictions_dir is not None:
                 predictions_dir.mkdir(parents=True, exist_ok=True)
-                # ADE20K test-server format: class k saved as k + 1 (0 stays "other")
-                png = (pred.cpu().numpy() + 1).astype(np.uint8)
+                png = to_annotation_values(pred.cpu().numpy(), reduce_zero_label)
                 Image.fromarray(png, mode="L").save(predictions_dir / f"{Path(sample['path']).stem}.png")
     model.train(was_training)
     return evaluator.compute()
 
 
 def write_metrics(metrics: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(path)
+    from adapterctl.files import write_text
+
+    write_text(path, json.dumps(metrics, indent=2) + "\n")
 
 
 def metrics_table(metrics: dict, title: str = "Segmentation"):
@@ -144,14 +138,14 @@ def eval_config(overrides: Sequence[str], config_name: str = "eval", own_keys: S
     from omegaconf import OmegaConf
 
     from adapterctl.config import ConfigError, compose
+    from adapterctl.config_schema import EVAL_RULES, check_config
     from adapterctl.engine.checkpoint import load_checkpoint
 
     own = [o for o in overrides if o.split("=", 1)[0].lstrip("+").split(".")[0] in own_keys]
     rest = [o for o in overrides if o not in own]
     ecfg = compose(config_name, own)
+    check_config(ecfg, EVAL_RULES)
     state = load_checkpoint(str(ecfg.ckpt))
-    if "config" not in state or "model" not in state:
-        raise ConfigError(f"{ecfg.ckpt}: not an adapterctl training checkpoint (no stored config or model)")
     mcfg = OmegaConf.create(state["config"])
     OmegaConf.set_struct(mcfg, True)
     for ov in rest:
@@ -173,12 +167,17 @@ def run_eval(overrides: Sequence[str]) -> dict:
 
     from rich.console import Console
 
+    from adapterctl.config import ConfigError
+    from adapterctl.config_schema import check_config
     from adapterctl.engine.distributed import barrier, cleanup, init_distributed
+    from adapterctl.engine.precision import checkpoint_precision, resolve_amp
     from adapterctl.engine.tasks import get_task
-    from adapterctl.engine.train import resolve_amp
     from adapterctl.models.build import build_model
 
     ecfg, mcfg, state = eval_config(overrides)
+    check_config(mcfg, keys=("data.num_classes", "data.ignore_index", "data.on_bad_sample"))
+    if mcfg.task == "detection" and ecfg.mode is not None:
+        raise ConfigError(f"mode={ecfg.mode}: inference modes (whole, slide, aug) are for segmentation checkpoints")
     dist = init_distributed(str(ecfg.trainer.device))
     try:
         out_dir = Path(
@@ -190,7 +189,8 @@ def run_eval(overrides: Sequence[str]) -> dict:
         model.load_state_dict(state["model"])
         model.to(dist.device)
         dataset = task.dataset(train=False)
-        amp = resolve_amp(str(ecfg.trainer.amp), dist.device)
+        # the checkpoint's precision unless trainer.amp says otherwise: a run is evaluated as it was trained
+        amp = resolve_amp(ecfg.trainer.amp or checkpoint_precision(mcfg), dist.device)
         metrics = task.evaluate(
             model,
             dataset,
@@ -204,7 +204,10 @@ def run_eval(overrides: Sequence[str]) -> dict:
             save_predictions=bool(ecfg.save_predictions),
         )
         if dist.is_main:
-            write_metrics({"ckpt": str(ecfg.ckpt), "step": state.get("step"), **metrics}, out_dir / "metrics.json")
+            write_metrics(
+                {"ckpt": str(ecfg.ckpt), "step": state.get("step"), "precision": amp, **metrics},
+                out_dir / "metrics.json",
+            )
             console = Console(highlight=False)
             console.print(task.table(metrics, f"{mcfg.experiment_name} ({ecfg.ckpt})"))
             console.print(f"metrics: {out_dir / 'metrics.json'}")

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from adapterctl.engine.evaluate import autocast_context
+from adapterctl.engine.precision import autocast_context
+from adapterctl.errors import TrainingError
 
 
 class SegmentationTask:
@@ -23,6 +24,20 @@ class SegmentationTask:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+
+    def check(self, dist) -> None:
+        """What the config must satisfy for this task, checked before the model is built."""
+        from adapterctl.data.loader import class_names
+
+        names = class_names(self.cfg.data)  # a names list or classes.txt that disagrees with num_classes is an error
+        if not self.cfg.data.get("classes") and (Path(str(self.cfg.data.root)) / "classes.txt").is_file():
+            self.cfg.data.classes = names  # recorded in the run's config: the checkpoint names its classes
+        synced = dist.distributed and dist.device.type == "cuda"
+        if int(self.cfg.trainer.batch_size) * (dist.world_size if synced else 1) < 2:
+            raise TrainingError(
+                f"trainer.batch_size={self.cfg.trainer.batch_size}: BatchNorm after UperNet's 1x1 pyramid pooling "
+                "needs at least 2 images per normalisation group (per process, or across GPUs with SyncBatchNorm)"
+            )
 
     def dataset(self, train: bool):
         from adapterctl.data.loader import build_seg_dataset
@@ -66,6 +81,7 @@ class SegmentationTask:
             amp,
             mode=mode,
             predictions_dir=pred_dir,
+            reduce_zero_label=bool(data.reduce_zero_label),
         )
 
     @staticmethod
@@ -82,10 +98,18 @@ class DetectionTask:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
 
+    def check(self, dist) -> None:  # noqa: ARG002 - the COCO checks run when the datasets open
+        return None
+
     def dataset(self, train: bool):
         from adapterctl.data.coco import build_det_dataset
 
-        return build_det_dataset(self.cfg.data, train=train)
+        dataset = build_det_dataset(self.cfg.data, train=train)
+        data = self.cfg.data
+        if train and data.get("category_ids") is None:  # the run's config (and checkpoints) name the classes
+            data.classes = list(data.classes) if data.get("classes") else dataset.labels.names
+            data.category_ids = dataset.labels.cat_ids
+        return dataset
 
     @staticmethod
     def collate_train(batch):
@@ -112,16 +136,10 @@ class DetectionTask:
         mode: str | None = None,
         save_predictions: bool = False,
     ) -> dict:
-        from adapterctl.data.loader import ShardSampler
+        from adapterctl.data.loader import eval_loader
         from adapterctl.engine.coco_eval import CocoEvaluator
 
-        loader = torch.utils.data.DataLoader(
-            val_set,
-            batch_size=1,
-            sampler=ShardSampler(len(val_set), rank, world),
-            num_workers=num_workers,
-            collate_fn=list,
-        )
+        loader = eval_loader(val_set, num_workers, rank, world, collate_fn=list)
         evaluator = CocoEvaluator(val_set.coco, val_set.labels)
         was_training = model.training
         model.eval()

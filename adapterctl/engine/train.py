@@ -19,47 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adapterctl.engine import checkpoint as ckpt
-from adapterctl.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from adapterctl.engine.evaluate import autocast_context
+from adapterctl.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
+from adapterctl.engine.precision import autocast_context, resolve_amp
+from adapterctl.errors import OutputError, Preempted, TrainingError, os_reason
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (the message says which)."""
-
-
-def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 matrices faster than fp32 (AMX / AVX512-BF16 class units).
-
-    Measured, not guessed: on AVX2-only CPUs torch's bf16 matmul runs ~100x slower than fp32.
-    """
-    import time
-
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y
-        t0 = time.perf_counter()
-        for _ in range(4):
-            x @ y
-        times[dtype] = time.perf_counter() - t0
-    return times[torch.bfloat16] < 0.8 * times[torch.float32]
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto``: bf16 where the device runs it fast (CUDA with bf16; CPUs whose bf16 matmul beats fp32),
-    fp16 on older GPUs, else none."""
-    if amp not in ("auto", "bf16", "fp16", "none"):
-        raise TrainingError(f"trainer.amp must be auto, bf16, fp16 or none, got {amp!r}")
-    if amp == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_bf16_is_fast() else "none"
-    if amp == "fp16" and device.type != "cuda":
-        raise TrainingError("trainer.amp=fp16 needs a CUDA device (on CPU use trainer.amp=auto, bf16 or none)")
-    return amp
 
 
 def _resume_path(cfg: DictConfig, out_dir: Path) -> Path | None:
@@ -101,32 +72,43 @@ def _log_line(step: int, max_iters: int, losses: dict[str, float], lr: float, sp
 
 
 def run_train(cfg: DictConfig) -> dict:
-    """Train per ``cfg`` (composed with its run directory fixed); returns the last evaluation metrics."""
+    """Train per ``cfg`` (composed with its run directory fixed); returns the last evaluation metrics.
+
+    Raises:
+        Preempted: SIGTERM/SIGINT stopped the run after it checkpointed (``resume=true`` continues it).
+        TrainingError, ConfigError, DataError, OutputError: one-line reasons, found before training where they can be.
+    """
     from rich.console import Console
 
     from adapterctl.config import save_config
+    from adapterctl.config_schema import check_config
     from adapterctl.data.loader import train_loader
     from adapterctl.engine.evaluate import write_metrics
     from adapterctl.engine.optim import build_optimizer, build_scheduler
+    from adapterctl.engine.precision import checkpoint_precision
     from adapterctl.engine.tasks import get_task, headline
+    from adapterctl.files import clean_partial_writes, ensure_dir
     from adapterctl.models.build import build_model
 
+    check_config(cfg)  # types and ranges, before anything is built or written
     task_impl = get_task(cfg)
     t = cfg.trainer
     dist = init_distributed(str(t.device))
-    if dist.distributed:  # every rank composed its own timestamp: rank 0's run directory wins
-        import torch.distributed as tdist
-
-        chosen = [cfg.paths.output_dir]
-        tdist.broadcast_object_list(chosen, src=0)
-        cfg.paths.output_dir = chosen[0]
+    # every rank composed its own timestamp: rank 0's run directory wins
+    cfg.paths.output_dir = broadcast_object(cfg.paths.output_dir, dist)
     console = Console(stderr=False, highlight=False)
     out_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
     try:
         resume_from = _resume_path(cfg, out_dir)
-        if dist.is_main:
-            save_config(cfg, out_dir)
-        amp = resolve_amp(str(t.amp), dist.device)
+        if resume_from is None:
+            _refuse_existing_run(out_dir)
+        state = ckpt.load_checkpoint(resume_from) if resume_from is not None else None
+        # the precision is decided once, from the hardware (or, resuming, the checkpoint), by rank 0 for all
+        amp = checkpoint_precision(state["config"]) if state is not None and t.amp == "auto" else str(t.amp)
+        amp = broadcast_object(resolve_amp(amp, dist.device), dist)
+        t.amp = amp  # recorded in config.yaml and every checkpoint
+        task_impl.check(dist)
         torch.manual_seed(int(cfg.seed) + dist.rank)
 
         model = build_model(cfg).to(dist.device)
@@ -135,26 +117,17 @@ def run_train(cfg: DictConfig) -> dict:
         elif dist.distributed and dist.is_main:
             # DDP refuses SyncBatchNorm on CPU modules: each process normalises with its own batch statistics
             console.print("note: CPU DDP keeps per-process BatchNorm statistics (SyncBatchNorm needs GPUs)")
-        synced = dist.distributed and dist.device.type == "cuda"
-        if cfg.task == "segmentation" and int(t.batch_size) * (dist.world_size if synced else 1) < 2:
-            raise TrainingError(
-                f"trainer.batch_size={t.batch_size}: BatchNorm after UperNet's 1x1 pyramid pooling needs at least 2 "
-                "images per normalisation group (per process, or across GPUs with SyncBatchNorm)"
-            )
         optimizer = build_optimizer(model, cfg.optim)
         max_iters = int(t.max_iters)
         scheduler = build_scheduler(optimizer, cfg.schedule, max_iters, float(cfg.optim.lr))
         scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         start = 0
-        if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from)
+        if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             start = int(state["step"])
-            if dist.is_main:
-                console.print(f"resumed from {resume_from} at iteration {start}")
 
         ddp = (
             nn.parallel.DistributedDataParallel(
@@ -163,6 +136,7 @@ def run_train(cfg: DictConfig) -> dict:
             if dist.distributed
             else model
         )
+        # both splits open now: a broken validation split shows at start, not after hours of training
         train_set, val_set = task_impl.dataset(train=True), task_impl.dataset(train=False)
         loader = train_loader(
             train_set,
@@ -175,17 +149,34 @@ def run_train(cfg: DictConfig) -> dict:
             collate_fn=task_impl.collate_train,
         )
 
-        writer = _tensorboard(out_dir) if dist.is_main else None
-        jsonl = (out_dir / "metrics.jsonl").open("a") if dist.is_main else None
+        # everything is validated: only now is the run directory written to
+        writer = jsonl = None
+        if dist.is_main:
+            ensure_dir(ckpt_dir)
+            for partial in clean_partial_writes(ckpt_dir):
+                console.print(f"removed a partial checkpoint write: {partial.name}")
+            save_config(cfg, out_dir)
+            if resume_from is not None:
+                console.print(f"resumed from {resume_from} at iteration {start}")
+                _drop_rows_after(out_dir / "metrics.jsonl", start)
+            writer = _tensorboard(out_dir)
+            jsonl = _open_append(out_dir / "metrics.jsonl")
         grad_clip = cfg.optim.get("grad_clip")
         log_every, eval_every = int(t.log_interval), int(t.eval_interval)
         ckpt_every, keep = int(t.checkpoint_interval), int(t.get("keep_checkpoints", 2))
-        ckpt_dir = out_dir / "checkpoints"
         metrics: dict = {}
         skipped: set[str] = set()
+        last_good = resume_from
 
-        def save(step: int, name: str | None = None) -> Path | None:
+        def save(step: int) -> Path | None:
             _average_buffers(model, dist)
+            bad = ckpt.non_finite_tensors(model.state_dict(), optimizer.state_dict()["state"])
+            if bad:  # the loss can still be finite at the step that blew the weights up
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                raise TrainingError(
+                    f"at iteration {step} {len(bad)} weight or optimizer tensors are NaN or inf (first: {bad[0]}), "
+                    f"so no checkpoint is written; lower optim.lr or set optim.grad_clip; {where}"
+                )
             rng_all = _gather_rng(dist)
             if not dist.is_main:
                 return None
@@ -195,10 +186,11 @@ def run_train(cfg: DictConfig) -> dict:
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "step": step,
+                "precision": amp,
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "rng": rng_all,
             }
-            path = ckpt.save_checkpoint(state, ckpt_dir / name if name else ckpt.checkpoint_path(ckpt_dir, step))
+            path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(ckpt_dir, step))
             ckpt.prune_checkpoints(ckpt_dir, keep)
             return path
 
@@ -208,7 +200,7 @@ def run_train(cfg: DictConfig) -> dict:
                 model, val_set, dist.device, amp, int(t.num_workers), dist.rank, dist.world_size, out_dir=out_dir
             )
             if dist.is_main:
-                write_metrics({"step": step, **res}, out_dir / "metrics.json")
+                write_metrics({"step": step, "precision": amp, **res}, out_dir / "metrics.json")
                 _write_row(jsonl, writer, step, {f"val/{k}": res.get(k) for k in task_impl.headline})
                 console.print(f"iter {step}: {headline(res, task_impl.headline)}")
             return res
@@ -216,11 +208,11 @@ def run_train(cfg: DictConfig) -> dict:
         model.train()
         window: dict[str, float] = {}
         n_window, tic = 0, time.perf_counter()
-        last_good = resume_from
         step = start
         data_iter = iter(loader)  # draws from the global RNG: restore the checkpoint's state after it
-        if resume_from is not None and (rng := state.get("rng", {}).get(f"rank{dist.rank}")) is not None:
+        if state is not None and (rng := state.get("rng", {}).get(f"rank{dist.rank}")) is not None:
             ckpt.set_rng_state(rng)
+        state = None  # the resumed tensors live in the model and optimizer now
         progress = _progress(console, dist.is_main)
         task = progress.add_task("train", total=max_iters, completed=start, loss=float("nan"), lr=0.0)
         with _Stop() as stop, progress:
@@ -267,16 +259,14 @@ def run_train(cfg: DictConfig) -> dict:
                         )
                         progress.console.print(_log_line(step, max_iters, means, lr, speed), soft_wrap=True)
                     window, n_window, tic = {}, 0, time.perf_counter()
-                if step % ckpt_every == 0 and step < max_iters:
+                stop_now = torch.tensor([float(stop.requested)], device=dist.device)
+                preempted = all_reduce_sum(stop_now).item() > 0
+                if (step % ckpt_every == 0 and step < max_iters) or preempted:
                     last_good = save(step) or last_good
+                if preempted:
+                    raise Preempted(step, str(last_good) if dist.is_main and last_good else None)
                 if step % eval_every == 0 and step < max_iters:
                     metrics = run_eval(step)
-                stop_now = torch.tensor([float(stop.requested)], device=dist.device)
-                if all_reduce_sum(stop_now).item() > 0:
-                    path = save(step)
-                    if dist.is_main:
-                        console.print(f"stopped by signal at iteration {step}; checkpoint {path}")
-                    return metrics
         last_good = save(step) or last_good
         metrics = run_eval(step)
         if dist.is_main:
@@ -295,6 +285,38 @@ def run_train(cfg: DictConfig) -> dict:
                 handle.close()
         barrier()
         cleanup()
+
+
+def _refuse_existing_run(out_dir: Path) -> None:
+    """A new run never writes into another run's directory (it would prune that run's checkpoints and mix
+    both runs' metrics)."""
+    held = [name for name in ("metrics.jsonl", "metrics.json") if (out_dir / name).exists()]
+    if ckpt.list_checkpoints(out_dir / "checkpoints"):
+        held.insert(0, "checkpoints")
+    if held:
+        raise TrainingError(
+            f"{out_dir} already holds a run ({', '.join(held)}); continue it with resume=true, or give another "
+            "paths.output_dir (or leave it null for a new timestamped one)"
+        )
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Resuming from ``step``: the rows the interrupted run logged after its checkpoint are logged again."""
+    if not path.is_file():
+        return
+    from adapterctl.files import write_text
+
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _open_append(path: Path):
+    try:
+        return path.open("a")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {os_reason(exc)}") from None
 
 
 def _average_buffers(model: nn.Module, dist: DistInfo) -> None:
@@ -336,8 +358,11 @@ def _tensorboard(out_dir: Path):
 def _write_row(jsonl, writer, step: int, values: dict[str, float]) -> None:
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
     if jsonl is not None:
-        jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        jsonl.flush()
+        try:
+            jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            jsonl.flush()
+        except OSError as exc:
+            raise OutputError(f"cannot write {jsonl.name}: {os_reason(exc)}") from None
     if writer is not None:
         for k, v in clean.items():
             if v is not None:

@@ -14,13 +14,15 @@ from pathlib import Path
 
 from torch import Tensor
 
+from adapterctl.errors import CheckpointError
+from adapterctl.files import atomic_write
 from adapterctl.models.official import convert_official_backbone, load_checkpoint_file, unwrap_official
 
 _HEADS = ("decode_head.", "auxiliary_head.")
 _DET_HEADS = ("neck.", "rpn_head.", "roi_head.")
 
 
-class ConversionError(RuntimeError):
+class ConversionError(CheckpointError):
     """The checkpoint does not fit the chosen model."""
 
 
@@ -69,7 +71,7 @@ def run_convert(
     error), never silently dropped.
     """
     from omegaconf import OmegaConf
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from adapterctl.config import compose
     from adapterctl.models.build import build_backbone, build_segmentor
@@ -131,17 +133,17 @@ def run_convert(
     others = sorted(k for k in full if not k.startswith(covered))
     if not any(k.startswith("backbone.") for k in full):
         others = []  # a bare backbone state dict: every key was offered to the backbone
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["trainer"]["amp"] = "none"  # the official code evaluates in fp32
     meta = {
         "format": "adapterctl",
         "source": str(src),
         "variant": variant,
         "contents": "segmentor" if has_heads else "detector" if det_heads else "backbone",
-        "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
+        "config": json.dumps(config),
     }
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(dst)
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    atomic_write(dst, lambda f: f.write(blob))
     what = (
         "segmentor (backbone + UperNet + FCN)"
         if has_heads

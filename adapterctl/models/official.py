@@ -162,16 +162,10 @@ def from_official(
 
 def load_checkpoint_file(path: str) -> dict[str, Any]:
     """Read a checkpoint safely (tensors and plain containers only; mmcv ``meta`` blocks are fine)."""
-    import pickle
+    from adapterctl.errors import CheckpointError
+    from adapterctl.files import torch_load
 
-    try:
-        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{path}: holds objects other than tensors and plain containers, which adapterctl does not unpickle "
-            f"(weights_only). Re-save its state_dict alone: {str(exc).splitlines()[-1]}"
-        ) from None
+    obj = torch_load(path, safe_globals=[torch.torch_version.TorchVersion])
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj

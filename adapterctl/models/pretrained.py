@@ -10,8 +10,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from adapterctl.errors import CheckpointError
+from adapterctl.files import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    obj = torch_load(path)
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
