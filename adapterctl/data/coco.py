@@ -22,11 +22,7 @@ log = logging.getLogger(__name__)
 
 def load_coco(ann_file: str | Path):
     """A pycocotools COCO index, with a clear error for a missing or malformed file."""
-    import contextlib
-    import io
     import json
-
-    from pycocotools.coco import COCO
 
     ann_file = Path(ann_file)
     if not ann_file.is_file():
@@ -38,11 +34,35 @@ def load_coco(ann_file: str | Path):
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DataError(f"{ann_file}: not a COCO file (no '{key}' list)")
+    _require_unique_ids(data, "images", "image", "file_name", ann_file)
+    _require_unique_ids(data, "categories", "category", "name", ann_file)
+    return _index(data)
+
+
+def _index(data: dict):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def _require_unique_ids(data: dict, key: str, kind: str, name_key: str, ann_file: Path) -> None:
+    """pycocotools indexes by id and silently keeps the last entry of a repeated one: the other image or category
+    vanishes and its annotations land on the survivor. No per-sample skip can repair that, so always an error."""
+    seen: dict = {}
+    for entry in data[key]:
+        first = seen.setdefault(entry.get("id"), entry)
+        if first is not entry:
+            raise DataError(
+                f"{ann_file}: {kind} id {entry.get('id')} is repeated in '{key}' "
+                f"({first.get(name_key)} and {entry.get(name_key)}); ids must be unique"
+            )
 
 
 class LabelMap:
@@ -92,6 +112,7 @@ class CocoDetection(Dataset):
         train: drop images without (non-crowd) annotations and crowd regions from the targets.
         with_masks: decode instance masks.
         on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip``.
+        num_classes: if given, the number of categories the file must define (the model's class count).
     """
 
     def __init__(
@@ -102,6 +123,7 @@ class CocoDetection(Dataset):
         with_masks: bool = True,
         on_bad_sample: str = "error",
         transform=None,
+        num_classes: int | None = None,
     ) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -109,6 +131,11 @@ class CocoDetection(Dataset):
         self.ann_file = Path(ann_file)
         self.coco = load_coco(ann_file)
         self.labels = LabelMap.from_coco(self.coco)
+        if num_classes is not None and num_classes != len(self.labels):
+            raise DataError(
+                f"{self.ann_file}: {len(self.labels)} categories, but num_classes is {num_classes} "
+                "(data.num_classes in the config must equal the file's category count)"
+            )
         self.train = train
         self.with_masks = with_masks
         self.on_bad_sample = on_bad_sample
@@ -218,7 +245,8 @@ class DetTransform:
 def build_det_dataset(data, train: bool) -> CocoDetection:
     """A :class:`CocoDetection` from the ``data`` config section (``train`` or ``test`` split).
 
-    ``data.train.pipeline``: ``1x`` (resize to one of ``scales`` + flip) or ``3x`` (:class:`DetrTransform`)."""
+    ``data.train.pipeline``: ``1x`` (resize to one of ``scales`` + flip) or ``3x`` (:class:`DetrTransform`).
+    ``data.num_classes`` sizes the head, so it must match the file's categories."""
     split = data.train if train else data.test
     scales = [list(s) for s in split.scales]
     pipeline = str(split.get("pipeline", "1x")) if train else "test"
@@ -235,6 +263,7 @@ def build_det_dataset(data, train: bool) -> CocoDetection:
         with_masks=train,
         on_bad_sample=data.get("on_bad_sample", "error"),
         transform=transform,
+        num_classes=int(data.num_classes) if data.get("num_classes") is not None else None,
     )
 
 
