@@ -68,6 +68,9 @@ def test_bad_annotations_are_named_or_skipped(synth_det, tmp_path, mutate, messa
         CocoDetection(synth_det / "val", bad)
     lenient = CocoDetection(synth_det / "val", bad, on_bad_sample="skip")
     assert len(lenient.skipped) == 1 and len(lenient) == len(data["images"]) - 1
+    # evaluation reads lenient.coco: the skipped image's objects must not count as missed there
+    assert first_img not in lenient.coco.imgs and first_img not in lenient.coco.imgToAnns
+    assert len(lenient.coco.imgs) == len(lenient)
 
 
 def test_malformed_json_is_named(tmp_path):

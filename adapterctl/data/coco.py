@@ -52,6 +52,15 @@ def _index(data: dict):
     return coco
 
 
+def _without(coco, img_ids: set):
+    """``coco`` less the images ``img_ids`` and their annotations: what a skip leaves out of the dataset must
+    leave the ground truth too, or COCOeval counts its objects as missed (or fails decoding them)."""
+    images = [i for i in coco.dataset["images"] if i["id"] not in img_ids]
+    kept = {i["id"] for i in images}
+    annotations = [a for a in coco.dataset["annotations"] if a["image_id"] in kept]
+    return _index({**coco.dataset, "images": images, "annotations": annotations})
+
+
 def _require_unique_ids(data: dict, key: str, kind: str, name_key: str, ann_file: Path) -> None:
     """pycocotools indexes by id and silently keeps the last entry of a repeated one: the other image or category
     vanishes and its annotations land on the survivor. No per-sample skip can repair that, so always an error."""
@@ -111,7 +120,8 @@ class CocoDetection(Dataset):
         ann_file: the COCO JSON.
         train: drop images without (non-crowd) annotations and crowd regions from the targets.
         with_masks: decode instance masks.
-        on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip``.
+        on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip`` (leave
+            the image out of the dataset and of ``coco``, listed in ``skipped``).
         num_classes: if given, the number of categories the file must define (the model's class count).
     """
 
@@ -142,13 +152,12 @@ class CocoDetection(Dataset):
         self.transform = transform
         self.skipped: list[str] = []
         ids = sorted(self.coco.getImgIds())
-        kept = []
+        kept, dropped = [], set()
         for img_id in ids:
             problem = self._check(img_id)
             if problem:
-                if on_bad_sample == "error":
-                    raise DataError(problem)
-                self.skipped.append(problem)
+                self._bad(problem)
+                dropped.add(img_id)
                 continue
             if train and not any(self._trainable(a) for a in self.coco.imgToAnns.get(img_id, [])):
                 continue  # no objects to learn from (mmdet's filter_empty_gt)
@@ -158,7 +167,13 @@ class CocoDetection(Dataset):
             kept.append(img_id)
         if self.skipped:
             log.warning("skipping %d bad images or annotations, e.g. %s", len(self.skipped), self.skipped[0])
+            self.coco = _without(self.coco, dropped)
         self.ids = kept
+
+    def _bad(self, problem: str) -> None:
+        if self.on_bad_sample == "error":
+            raise DataError(problem)
+        self.skipped.append(problem)
 
     def _check(self, img_id: int) -> str | None:
         info = self.coco.imgs[img_id]
