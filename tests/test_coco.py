@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -233,7 +234,9 @@ def test_training_filters_tiny_boxes_and_small_images(synth_det, tmp_path):
     first = data["annotations"][0]
     first["bbox"] = [first["bbox"][0], first["bbox"][1], 0.5, first["bbox"][3]]  # narrower than a pixel
     with_objects = {a["image_id"] for a in data["annotations"][1:] if not a["iscrowd"]}
-    small = next(i for i in reversed(data["images"]) if i["id"] in with_objects)
+    with_rle = {a["image_id"] for a in data["annotations"] if isinstance(a["segmentation"], dict)}
+    # shrinking an image with an RLE would make the RLE's size wrong, a data error rather than a small image
+    small = next(i for i in reversed(data["images"]) if i["id"] in with_objects - with_rle)
     small["width"] = 20  # a side under 32 px
     path = tmp_path / "filtered.json"
     path.write_text(json.dumps(data))
@@ -286,12 +289,58 @@ def _write_tiny_coco(root, mutate=None):
     return ann_file
 
 
+def _assert_skipped(ds, img_id: int, ann_id: int, message: str) -> None:
+    """Left out of the samples and of the ground truth that evaluation reads, and reported."""
+    assert img_id not in ds.ids and img_id not in ds.coco.imgs and ann_id not in ds.coco.anns
+    assert len(ds.skipped) == 1 and re.search(message, ds.skipped[0])
+
+
 def test_tiny_coco_decodes_polygon_and_both_rle_forms_alike(tmp_path):
     ds = CocoDetection(tmp_path, _write_tiny_coco(tmp_path), num_classes=2)
     assert ds.ids == [1, 2, 3] and not ds.skipped
     masks = [ds[i]["target"]["masks"][0] for i in range(3)]
     assert masks[1].sum() == 200 and torch.equal(masks[1], masks[2])
     assert (masks[0] != masks[1]).sum() <= 30  # the polygon rasterises its right and bottom edges too
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "message"),
+    [
+        ([[5.0, 10.0, 25.0, 10.0]], r"polygon 0 has 4 coordinates; a polygon needs at least 3 points"),
+        ([5.0, 10.0, 25.0, 10.0, 25.0, 20.0], r"segmentation must be a list of polygons"),
+    ],
+)
+def test_polygon_with_under_3_points_is_named_or_skipped(tmp_path, segmentation, message):
+    ann_file = _write_tiny_coco(tmp_path, lambda d: d["annotations"][0].update(segmentation=segmentation))
+    where = r"tiny\.json: annotation 11 of image 1 \(a\.png\): "
+    with pytest.raises(DataError, match=where + message):
+        CocoDetection(tmp_path, ann_file)
+    _assert_skipped(CocoDetection(tmp_path, ann_file, on_bad_sample="skip"), 1, 11, where + message)
+
+
+@pytest.mark.parametrize(("index", "ann_id", "name"), [(1, 12, "b"), (2, 13, "c")])  # compressed, uncompressed
+def test_rle_of_another_size_than_its_image_is_named_or_skipped(tmp_path, index, ann_id, name):
+    ann_file = _write_tiny_coco(tmp_path, lambda d: d["annotations"][index]["segmentation"].update(size=[48, 40]))
+    message = (
+        rf"tiny\.json: annotation {ann_id} of image {index + 1} \({name}\.png\): "
+        r"RLE size \[48, 40\] differs from the image's \[height, width\] \[40, 48\]"
+    )
+    with pytest.raises(DataError, match=message):
+        CocoDetection(tmp_path, ann_file)
+    _assert_skipped(CocoDetection(tmp_path, ann_file, on_bad_sample="skip"), index + 1, ann_id, message)
+
+
+def test_annotation_of_no_image_is_named_or_skipped(tmp_path):
+    def add_orphan(d):
+        d["annotations"].append({**d["annotations"][0], "id": 20, "image_id": 99})
+
+    ann_file = _write_tiny_coco(tmp_path, add_orphan)
+    message = r"tiny\.json: annotation 20 has image_id 99, which is not in 'images'"
+    with pytest.raises(DataError, match=message):
+        CocoDetection(tmp_path, ann_file)
+    ds = CocoDetection(tmp_path, ann_file, on_bad_sample="skip")
+    assert ds.ids == [1, 2, 3] and 20 not in ds.coco.anns and 99 not in ds.coco.imgToAnns
+    assert len(ds.skipped) == 1 and re.search(message, ds.skipped[0])
 
 
 @pytest.mark.parametrize("on_bad_sample", ["error", "skip"])  # a file-level fault: never skipped

@@ -53,8 +53,8 @@ def _index(data: dict):
 
 
 def _without(coco, img_ids: set):
-    """``coco`` less the images ``img_ids`` and their annotations: what a skip leaves out of the dataset must
-    leave the ground truth too, or COCOeval counts its objects as missed (or fails decoding them)."""
+    """``coco`` less the images ``img_ids``, their annotations and annotations of no image: what a skip leaves
+    out of the dataset must leave the ground truth too, or COCOeval counts it as missed (or fails decoding it)."""
     images = [i for i in coco.dataset["images"] if i["id"] not in img_ids]
     kept = {i["id"] for i in images}
     annotations = [a for a in coco.dataset["annotations"] if a["image_id"] in kept]
@@ -97,6 +97,22 @@ class LabelMap:
         return len(self.cat_ids)
 
 
+def _segmentation_problem(seg, info: dict) -> str | None:
+    """What pycocotools cannot decode for this image, checked up front because it otherwise fails at the first
+    ``__getitem__`` or deep in COCOeval with an error naming nothing (a 4-number polygon even passes as a box)."""
+    if isinstance(seg, list):
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, list):
+                return f"segmentation must be a list of polygons [[x1, y1, x2, y2, ...], ...], got {seg[:6]}"
+            if len(poly) < 6:
+                return f"polygon {k} has {len(poly)} coordinates; a polygon needs at least 3 points (6 coordinates)"
+    elif isinstance(seg, dict) and "height" in info and "width" in info:
+        size = [info["height"], info["width"]]
+        if seg.get("size") != size:
+            return f"RLE size {seg.get('size')} differs from the image's [height, width] {size}"
+    return None
+
+
 def ann_to_mask(coco, ann: dict, h: int, w: int) -> np.ndarray:
     """Polygon(s), uncompressed RLE or compressed RLE -> (h, w) uint8 mask."""
     from pycocotools import mask as mask_utils
@@ -121,7 +137,7 @@ class CocoDetection(Dataset):
         train: drop images without (non-crowd) annotations and crowd regions from the targets.
         with_masks: decode instance masks.
         on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip`` (leave
-            the image out of the dataset and of ``coco``, listed in ``skipped``).
+            the image, or an annotation of no image, out of the dataset and of ``coco``, listed in ``skipped``).
         num_classes: if given, the number of categories the file must define (the model's class count).
     """
 
@@ -151,6 +167,8 @@ class CocoDetection(Dataset):
         self.on_bad_sample = on_bad_sample
         self.transform = transform
         self.skipped: list[str] = []
+        for problem in self._orphan_annotations():
+            self._bad(problem)
         ids = sorted(self.coco.getImgIds())
         kept, dropped = [], set()
         for img_id in ids:
@@ -175,6 +193,15 @@ class CocoDetection(Dataset):
             raise DataError(problem)
         self.skipped.append(problem)
 
+    def _orphan_annotations(self) -> list[str]:
+        """Annotations whose image_id names no image: pycocotools indexes them under that id without a word, and
+        they would never be trained on or evaluated, so an id typo would silently lose objects."""
+        return [
+            f"{self.ann_file}: annotation {ann.get('id')} has image_id {ann['image_id']}, which is not in 'images'"
+            for ann in self.coco.dataset["annotations"]
+            if ann["image_id"] not in self.coco.imgs
+        ]
+
     def _check(self, img_id: int) -> str | None:
         info = self.coco.imgs[img_id]
         path = self.img_dir / info["file_name"]
@@ -187,6 +214,9 @@ class CocoDetection(Dataset):
             bbox = ann.get("bbox")
             if not bbox or len(bbox) != 4 or bbox[2] <= 0 or bbox[3] <= 0:
                 return f"{where}: box {bbox} has no area (expected [x, y, w, h] with w, h > 0)"
+            problem = _segmentation_problem(ann.get("segmentation"), info)
+            if problem:
+                return f"{where}: {problem}"
         return None
 
     @staticmethod
