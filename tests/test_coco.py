@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -68,6 +69,9 @@ def test_bad_annotations_are_named_or_skipped(synth_det, tmp_path, mutate, messa
         CocoDetection(synth_det / "val", bad)
     lenient = CocoDetection(synth_det / "val", bad, on_bad_sample="skip")
     assert len(lenient.skipped) == 1 and len(lenient) == len(data["images"]) - 1
+    # evaluation reads lenient.coco: the skipped image's objects must not count as missed there
+    assert first_img not in lenient.coco.imgs and first_img not in lenient.coco.imgToAnns
+    assert len(lenient.coco.imgs) == len(lenient)
 
 
 def test_malformed_json_is_named(tmp_path):
@@ -214,6 +218,7 @@ def test_3x_experiment_uses_the_detr_pipeline(synth_det):
         "train",
         [
             "experiment=coco_maskrcnn_vit_adapter_t_3x",
+            "data.num_classes=4",  # the synthetic file's categories, not COCO's 80
             f"data.train.img_dir={synth_det / 'train'}",
             f"data.train.ann_file={synth_det / 'annotations' / 'instances_train.json'}",
         ],
@@ -229,7 +234,9 @@ def test_training_filters_tiny_boxes_and_small_images(synth_det, tmp_path):
     first = data["annotations"][0]
     first["bbox"] = [first["bbox"][0], first["bbox"][1], 0.5, first["bbox"][3]]  # narrower than a pixel
     with_objects = {a["image_id"] for a in data["annotations"][1:] if not a["iscrowd"]}
-    small = next(i for i in reversed(data["images"]) if i["id"] in with_objects)
+    with_rle = {a["image_id"] for a in data["annotations"] if isinstance(a["segmentation"], dict)}
+    # shrinking an image with an RLE would make the RLE's size wrong, a data error rather than a small image
+    small = next(i for i in reversed(data["images"]) if i["id"] in with_objects - with_rle)
     small["width"] = 20  # a side under 32 px
     path = tmp_path / "filtered.json"
     path.write_text(json.dumps(data))
@@ -241,3 +248,125 @@ def test_training_filters_tiny_boxes_and_small_images(synth_det, tmp_path):
         assert (target["boxes"][:, 2] - target["boxes"][:, 0] >= 1).all()
     eval_target = full[full.ids.index(first["image_id"])]["target"]
     assert len(eval_target["boxes"]) == sum(a["image_id"] == first["image_id"] for a in data["annotations"])
+
+
+# A box of 10 x 20 pixels at rows 10-19, columns 5-24 of a 40 x 48 image, as an uncompressed (column-major) RLE:
+# 5 empty columns and 10 rows, then 20 columns of 10 set and 30 clear pixels, then the remaining clear pixels
+BOX_RUNS = [210] + [10, 30] * 19 + [10, 20 + 23 * 40]
+
+
+def _write_tiny_coco(root, mutate=None):
+    """Three 40 x 48 images with one box annotation each: a polygon, a compressed RLE, an uncompressed RLE."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:20, 5:25] = 1
+    segmentations = [
+        [[5.0, 10.0, 25.0, 10.0, 25.0, 20.0, 5.0, 20.0]],
+        {"size": [40, 48], "counts": mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")},
+        {"size": [40, 48], "counts": BOX_RUNS},
+    ]
+    data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "box"}, {"id": 5, "name": "blob"}]}
+    for i, (name, seg) in enumerate(zip(("a.png", "b.png", "c.png"), segmentations, strict=True), start=1):
+        Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(root / name)
+        data["images"].append({"id": i, "file_name": name, "height": 40, "width": 48})
+        data["annotations"].append(
+            {
+                "id": 10 + i,
+                "image_id": i,
+                "category_id": 1,
+                "bbox": [5, 10, 20, 10],
+                "area": 200.0,
+                "iscrowd": 0,
+                "segmentation": seg,
+            }
+        )
+    if mutate is not None:
+        mutate(data)
+    ann_file = root / "tiny.json"
+    ann_file.write_text(json.dumps(data))
+    return ann_file
+
+
+def _assert_skipped(ds, img_id: int, ann_id: int, message: str) -> None:
+    """Left out of the samples and of the ground truth that evaluation reads, and reported."""
+    assert img_id not in ds.ids and img_id not in ds.coco.imgs and ann_id not in ds.coco.anns
+    assert len(ds.skipped) == 1 and re.search(message, ds.skipped[0])
+
+
+def test_tiny_coco_decodes_polygon_and_both_rle_forms_alike(tmp_path):
+    ds = CocoDetection(tmp_path, _write_tiny_coco(tmp_path), num_classes=2)
+    assert ds.ids == [1, 2, 3] and not ds.skipped
+    masks = [ds[i]["target"]["masks"][0] for i in range(3)]
+    assert masks[1].sum() == 200 and torch.equal(masks[1], masks[2])
+    assert (masks[0] != masks[1]).sum() <= 30  # the polygon rasterises its right and bottom edges too
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "message"),
+    [
+        ([[5.0, 10.0, 25.0, 10.0]], r"polygon 0 has 4 coordinates; a polygon needs at least 3 points"),
+        ([5.0, 10.0, 25.0, 10.0, 25.0, 20.0], r"segmentation must be a list of polygons"),
+    ],
+)
+def test_polygon_with_under_3_points_is_named_or_skipped(tmp_path, segmentation, message):
+    ann_file = _write_tiny_coco(tmp_path, lambda d: d["annotations"][0].update(segmentation=segmentation))
+    where = r"tiny\.json: annotation 11 of image 1 \(a\.png\): "
+    with pytest.raises(DataError, match=where + message):
+        CocoDetection(tmp_path, ann_file)
+    _assert_skipped(CocoDetection(tmp_path, ann_file, on_bad_sample="skip"), 1, 11, where + message)
+
+
+@pytest.mark.parametrize(("index", "ann_id", "name"), [(1, 12, "b"), (2, 13, "c")])  # compressed, uncompressed
+def test_rle_of_another_size_than_its_image_is_named_or_skipped(tmp_path, index, ann_id, name):
+    ann_file = _write_tiny_coco(tmp_path, lambda d: d["annotations"][index]["segmentation"].update(size=[48, 40]))
+    message = (
+        rf"tiny\.json: annotation {ann_id} of image {index + 1} \({name}\.png\): "
+        r"RLE size \[48, 40\] differs from the image's \[height, width\] \[40, 48\]"
+    )
+    with pytest.raises(DataError, match=message):
+        CocoDetection(tmp_path, ann_file)
+    _assert_skipped(CocoDetection(tmp_path, ann_file, on_bad_sample="skip"), index + 1, ann_id, message)
+
+
+def test_annotation_of_no_image_is_named_or_skipped(tmp_path):
+    def add_orphan(d):
+        d["annotations"].append({**d["annotations"][0], "id": 20, "image_id": 99})
+
+    ann_file = _write_tiny_coco(tmp_path, add_orphan)
+    message = r"tiny\.json: annotation 20 has image_id 99, which is not in 'images'"
+    with pytest.raises(DataError, match=message):
+        CocoDetection(tmp_path, ann_file)
+    ds = CocoDetection(tmp_path, ann_file, on_bad_sample="skip")
+    assert ds.ids == [1, 2, 3] and 20 not in ds.coco.anns and 99 not in ds.coco.imgToAnns
+    assert len(ds.skipped) == 1 and re.search(message, ds.skipped[0])
+
+
+@pytest.mark.parametrize("on_bad_sample", ["error", "skip"])  # a file-level fault: never skipped
+def test_repeated_image_id_always_raises(tmp_path, on_bad_sample):
+    ann_file = _write_tiny_coco(tmp_path, lambda d: d["images"][2].update(id=1))
+    message = r"tiny\.json: image id 1 is repeated in 'images' \(a\.png and c\.png\); ids must be unique"
+    with pytest.raises(DataError, match=message):
+        CocoDetection(tmp_path, ann_file, on_bad_sample=on_bad_sample)
+
+
+def test_repeated_category_id_raises(tmp_path):
+    ann_file = _write_tiny_coco(tmp_path, lambda d: d["categories"][1].update(id=1))
+    with pytest.raises(DataError, match=r"tiny\.json: category id 1 is repeated in 'categories' \(box and blob\)"):
+        load_coco(ann_file)
+
+
+def test_num_classes_must_match_the_categories(tmp_path):
+    from omegaconf import OmegaConf
+
+    from adapterctl.data.coco import build_det_dataset
+
+    ann_file = _write_tiny_coco(tmp_path)
+    split = {"img_dir": str(tmp_path), "ann_file": str(ann_file), "scales": [[64, 48]]}
+    data = OmegaConf.create({"num_classes": 80, "train": split, "test": split, "on_bad_sample": "skip"})
+    message = r"tiny\.json: 2 categories, but num_classes is 80 \(data\.num_classes in the config"
+    with pytest.raises(DataError, match=message):
+        build_det_dataset(data, train=False)
+    data.num_classes = 2
+    assert len(build_det_dataset(data, train=False)) == 3

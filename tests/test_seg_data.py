@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from adapterctl.data.ade20k import DataError, SegmentationFolder, load_label
+from adapterctl.data.ade20k import DataError, SegmentationFolder, load_image, load_label
 from adapterctl.data.transforms import EvalTransform, TrainTransform, pad_to, random_crop_box, rescale_size
 
 
@@ -58,6 +60,55 @@ def test_missing_annotation_and_missing_folder(tmp_path):
     assert len(ds) == 1 and "no annotation" in ds.skipped[0]
     with pytest.raises(DataError, match="dataset folder not found: .*validation"):
         SegmentationFolder(tmp_path, "validation", num_classes=8)
+
+
+RAMP16 = np.linspace(0, 65535, 32 * 40).round().astype(np.uint16).reshape(32, 40)
+
+
+@pytest.mark.parametrize(("dtype", "name", "mode"), [("<u2", "grey16.png", "I;16"), (">u2", "grey16.tif", "I;16B")])
+def test_16bit_grey_image_is_scaled_not_clipped(tmp_path, dtype, name, mode):
+    Image.fromarray(RAMP16.astype(dtype)).save(tmp_path / name)
+    with Image.open(tmp_path / name) as im:
+        assert im.mode == mode
+    got = load_image(tmp_path / name)
+    want = torch.from_numpy(RAMP16 * (255 / 65535)).float()
+    assert got.shape == (3, 32, 40) and torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    assert (got[0] - want).abs().max() <= 1  # convert("RGB") alone would clip ~all of them to 255
+    assert got[0, 0, 0] == 0 and got[0, -1, -1] == 255
+
+
+def test_32bit_integer_image_is_scaled_as_16bit_or_refused(tmp_path):
+    Image.fromarray(RAMP16.astype(np.int32)).save(tmp_path / "int32.tif")  # mode I
+    got = load_image(tmp_path / "int32.tif")
+    assert (got[0] - torch.from_numpy(RAMP16 * (255 / 65535)).float()).abs().max() <= 1
+    wide = RAMP16.astype(np.int32)
+    wide[0, 1] = 70000
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    with pytest.raises(DataError, match=r"wide\.tif: 32-bit integer image \(mode I\) has values 0\.\.70000, outside"):
+        load_image(tmp_path / "wide.tif")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_48bit_rgb_png_keeps_the_high_byte(tmp_path):
+    # Pillow cannot write 16-bit-per-channel RGB, so build the PNG by hand: colour type 2, bit depth 16
+    rgb = np.stack([RAMP16, RAMP16[::-1], np.full_like(RAMP16, 40000)], axis=-1).astype(">u2")
+    h, w = RAMP16.shape
+    rows = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
+    (tmp_path / "rgb48.png").write_bytes(png + _png_chunk(b"IEND", b""))
+    got = load_image(tmp_path / "rgb48.png")
+    want = torch.from_numpy(rgb.astype(np.float64) * (255 / 65535)).permute(2, 0, 1).float()
+    assert got.shape == (3, h, w) and (got - want).abs().max() <= 1
+
+
+def test_float_image_is_refused_by_name(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "depth.tif")  # mode F
+    with pytest.raises(DataError, match=r"depth\.tif: floating-point image \(mode F\) has no defined 0-255 scale"):
+        load_image(tmp_path / "depth.tif")
 
 
 def test_rescale_size_matches_mmcv():

@@ -22,11 +22,7 @@ log = logging.getLogger(__name__)
 
 def load_coco(ann_file: str | Path):
     """A pycocotools COCO index, with a clear error for a missing or malformed file."""
-    import contextlib
-    import io
     import json
-
-    from pycocotools.coco import COCO
 
     ann_file = Path(ann_file)
     if not ann_file.is_file():
@@ -38,11 +34,44 @@ def load_coco(ann_file: str | Path):
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DataError(f"{ann_file}: not a COCO file (no '{key}' list)")
+    _require_unique_ids(data, "images", "image", "file_name", ann_file)
+    _require_unique_ids(data, "categories", "category", "name", ann_file)
+    return _index(data)
+
+
+def _index(data: dict):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def _without(coco, img_ids: set):
+    """``coco`` less the images ``img_ids``, their annotations and annotations of no image: what a skip leaves
+    out of the dataset must leave the ground truth too, or COCOeval counts it as missed (or fails decoding it)."""
+    images = [i for i in coco.dataset["images"] if i["id"] not in img_ids]
+    kept = {i["id"] for i in images}
+    annotations = [a for a in coco.dataset["annotations"] if a["image_id"] in kept]
+    return _index({**coco.dataset, "images": images, "annotations": annotations})
+
+
+def _require_unique_ids(data: dict, key: str, kind: str, name_key: str, ann_file: Path) -> None:
+    """pycocotools indexes by id and silently keeps the last entry of a repeated one: the other image or category
+    vanishes and its annotations land on the survivor. No per-sample skip can repair that, so always an error."""
+    seen: dict = {}
+    for entry in data[key]:
+        first = seen.setdefault(entry.get("id"), entry)
+        if first is not entry:
+            raise DataError(
+                f"{ann_file}: {kind} id {entry.get('id')} is repeated in '{key}' "
+                f"({first.get(name_key)} and {entry.get(name_key)}); ids must be unique"
+            )
 
 
 class LabelMap:
@@ -68,6 +97,22 @@ class LabelMap:
         return len(self.cat_ids)
 
 
+def _segmentation_problem(seg, info: dict) -> str | None:
+    """What pycocotools cannot decode for this image, checked up front because it otherwise fails at the first
+    ``__getitem__`` or deep in COCOeval with an error naming nothing (a 4-number polygon even passes as a box)."""
+    if isinstance(seg, list):
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, list):
+                return f"segmentation must be a list of polygons [[x1, y1, x2, y2, ...], ...], got {seg[:6]}"
+            if len(poly) < 6:
+                return f"polygon {k} has {len(poly)} coordinates; a polygon needs at least 3 points (6 coordinates)"
+    elif isinstance(seg, dict) and "height" in info and "width" in info:
+        size = [info["height"], info["width"]]
+        if seg.get("size") != size:
+            return f"RLE size {seg.get('size')} differs from the image's [height, width] {size}"
+    return None
+
+
 def ann_to_mask(coco, ann: dict, h: int, w: int) -> np.ndarray:
     """Polygon(s), uncompressed RLE or compressed RLE -> (h, w) uint8 mask."""
     from pycocotools import mask as mask_utils
@@ -91,7 +136,9 @@ class CocoDetection(Dataset):
         ann_file: the COCO JSON.
         train: drop images without (non-crowd) annotations and crowd regions from the targets.
         with_masks: decode instance masks.
-        on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip``.
+        on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip`` (leave
+            the image, or an annotation of no image, out of the dataset and of ``coco``, listed in ``skipped``).
+        num_classes: if given, the number of categories the file must define (the model's class count).
     """
 
     def __init__(
@@ -102,6 +149,7 @@ class CocoDetection(Dataset):
         with_masks: bool = True,
         on_bad_sample: str = "error",
         transform=None,
+        num_classes: int | None = None,
     ) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -109,19 +157,25 @@ class CocoDetection(Dataset):
         self.ann_file = Path(ann_file)
         self.coco = load_coco(ann_file)
         self.labels = LabelMap.from_coco(self.coco)
+        if num_classes is not None and num_classes != len(self.labels):
+            raise DataError(
+                f"{self.ann_file}: {len(self.labels)} categories, but num_classes is {num_classes} "
+                "(data.num_classes in the config must equal the file's category count)"
+            )
         self.train = train
         self.with_masks = with_masks
         self.on_bad_sample = on_bad_sample
         self.transform = transform
         self.skipped: list[str] = []
+        for problem in self._orphan_annotations():
+            self._bad(problem)
         ids = sorted(self.coco.getImgIds())
-        kept = []
+        kept, dropped = [], set()
         for img_id in ids:
             problem = self._check(img_id)
             if problem:
-                if on_bad_sample == "error":
-                    raise DataError(problem)
-                self.skipped.append(problem)
+                self._bad(problem)
+                dropped.add(img_id)
                 continue
             if train and not any(self._trainable(a) for a in self.coco.imgToAnns.get(img_id, [])):
                 continue  # no objects to learn from (mmdet's filter_empty_gt)
@@ -131,7 +185,22 @@ class CocoDetection(Dataset):
             kept.append(img_id)
         if self.skipped:
             log.warning("skipping %d bad images or annotations, e.g. %s", len(self.skipped), self.skipped[0])
+            self.coco = _without(self.coco, dropped)
         self.ids = kept
+
+    def _bad(self, problem: str) -> None:
+        if self.on_bad_sample == "error":
+            raise DataError(problem)
+        self.skipped.append(problem)
+
+    def _orphan_annotations(self) -> list[str]:
+        """Annotations whose image_id names no image: pycocotools indexes them under that id without a word, and
+        they would never be trained on or evaluated, so an id typo would silently lose objects."""
+        return [
+            f"{self.ann_file}: annotation {ann.get('id')} has image_id {ann['image_id']}, which is not in 'images'"
+            for ann in self.coco.dataset["annotations"]
+            if ann["image_id"] not in self.coco.imgs
+        ]
 
     def _check(self, img_id: int) -> str | None:
         info = self.coco.imgs[img_id]
@@ -145,6 +214,9 @@ class CocoDetection(Dataset):
             bbox = ann.get("bbox")
             if not bbox or len(bbox) != 4 or bbox[2] <= 0 or bbox[3] <= 0:
                 return f"{where}: box {bbox} has no area (expected [x, y, w, h] with w, h > 0)"
+            problem = _segmentation_problem(ann.get("segmentation"), info)
+            if problem:
+                return f"{where}: {problem}"
         return None
 
     @staticmethod
@@ -218,7 +290,8 @@ class DetTransform:
 def build_det_dataset(data, train: bool) -> CocoDetection:
     """A :class:`CocoDetection` from the ``data`` config section (``train`` or ``test`` split).
 
-    ``data.train.pipeline``: ``1x`` (resize to one of ``scales`` + flip) or ``3x`` (:class:`DetrTransform`)."""
+    ``data.train.pipeline``: ``1x`` (resize to one of ``scales`` + flip) or ``3x`` (:class:`DetrTransform`).
+    ``data.num_classes`` sizes the head, so it must match the file's categories."""
     split = data.train if train else data.test
     scales = [list(s) for s in split.scales]
     pipeline = str(split.get("pipeline", "1x")) if train else "test"
@@ -235,6 +308,7 @@ def build_det_dataset(data, train: bool) -> CocoDetection:
         with_masks=train,
         on_bad_sample=data.get("on_bad_sample", "error"),
         transform=transform,
+        num_classes=int(data.num_classes) if data.get("num_classes") is not None else None,
     )
 
 
