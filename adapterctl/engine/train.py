@@ -174,7 +174,7 @@ def run_train(cfg: DictConfig) -> dict:
             if bad:  # the loss can still be finite at the step that blew the weights up
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
                 raise TrainingError(
-                    f"at iteration {step} {len(bad)} weight or optimizer tensors are NaN or inf (first: {bad[0]}), "
+                    f"at iteration {step}, {len(bad)} weight or optimizer tensors are NaN or inf (first: {bad[0]}), "
                     f"so no checkpoint is written; lower optim.lr or set optim.grad_clip; {where}"
                 )
             rng_all = _gather_rng(dist)
