@@ -18,7 +18,7 @@ ADE20K_ROWS := ade20k_upernet_vit_adapter_t ade20k_upernet_vit_adapter_s ade20k_
 COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k)))
 PAPER_ROWS := $(ADE20K_ROWS) $(COCO_ROWS)
 
-.PHONY: help install test test-all lint bench demo demo-det experiments $(PAPER_ROWS)
+.PHONY: help install test test-all lint bench demo demo-det experiments faults $(PAPER_ROWS)
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -39,7 +39,7 @@ test-all: install ## Every test, the slow ones (distributed runs, training to a 
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install ## ruff
-	$(VENV)/bin/ruff check adapterctl tests
+	$(VENV)/bin/ruff check adapterctl tests scripts
 
 demo: install ## Synthesise data, train ViT-Adapter-T + UperNet on CPU for a few minutes, print the mIoU table
 	@test -d $(DEMO_DATA)/images || $(VENV)/bin/adapterctl data synth --task seg --out $(DEMO_DATA)
@@ -48,6 +48,9 @@ demo: install ## Synthesise data, train ViT-Adapter-T + UperNet on CPU for a few
 demo-det: install ## Synthesise COCO-format data, train ViT-Adapter-T + Mask R-CNN on CPU, print box/mask AP
 	@test -d $(DEMO_DET_DATA)/annotations || $(VENV)/bin/adapterctl data synth --task det --out $(DEMO_DET_DATA)
 	$(VENV)/bin/adapterctl train experiment=synthetic_maskrcnn_vit_adapter_t_demo data.root=$(DEMO_DET_DATA)
+
+faults: install ## Kill / preempt / NaN / disk-full / unwritable / second-run scenarios end to end: what survived
+	$(PY) scripts/faults.py
 
 experiments: install ## List the reproduction experiments with their hyperparameters and the paper's results
 	$(VENV)/bin/adapterctl experiments

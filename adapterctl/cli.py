@@ -29,10 +29,10 @@ Overrides = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
+def _fail(message: str, code: int = 2, label: str = "[bold red]error:[/]") -> typer.Exit:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    Console(stderr=True, highlight=False).print(f"{label} {message}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -130,7 +130,7 @@ def _run_guarded(fn, *args):
     try:
         return fn(*args)
     except Preempted as exc:
-        raise _fail(str(exc), code=exc.exit_code) from None
+        raise _fail(str(exc), code=exc.exit_code, label="[bold yellow]stopped:[/]") from None
     except AdapterctlError as exc:
         if debug:
             raise

@@ -327,3 +327,12 @@ def test_class_names_from_classes_txt_and_mismatches_at_start(synth_seg, tmp_pat
     with pytest.raises(DataError, match=r"data.classes names 2 classes but data.num_classes=8"):
         run_train(compose("train", tiny_train_overrides(synth_seg, tmp_path / "r2") + ["data.classes=[a,b]"]))
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.slow
+def test_the_fault_script_ends_every_scenario_as_it_should():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "faults.py")], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "scenarios ended as they should" in proc.stdout
