@@ -150,11 +150,13 @@ def main() -> int:
     kept = _checkpoints(killed)
     rc2 = _run(_overrides(data, killed) + ["resume=true"], work / "sigkill_resume.log")
     same = rc2 == 0 and _steps(killed) == list(range(1, 7)) and _losses(killed) == reference
+    partial_left = [c for c in _checkpoints(killed) if c.endswith(".tmp")]
     report(
         "SIGKILL mid-run, then resume",
-        same and rc == -signal.SIGKILL,
+        same and rc == -signal.SIGKILL and not partial_left,
         f"killed (exit {rc}), resume exit {rc2}",
-        f"kept {kept}; resumed loss curve {'bit-identical' if same else 'DIFFERENT'} to the uninterrupted run",
+        f"kept {kept}; resumed loss curve {'bit-identical' if same else 'DIFFERENT'} to the uninterrupted run; "
+        f"partial writes left after the resume: {partial_left}",
     )
 
     # 2-3. SIGTERM / SIGINT to the whole process group, two DataLoader workers
@@ -182,6 +184,37 @@ def main() -> int:
             f"checkpoint {ckpts[-1] if ckpts else None}; resume exit {rc2}, each step logged once: "
             f"{_steps(out) == list(range(1, step + 2))}",
         )
+
+    # 3b. SIGTERM to a two-process torchrun group (SLURM's scancel): the workers checkpoint; torchrun itself
+    # reports the signal and exits 1 (its own behaviour)
+    out = work / "torchrun"
+    over = _overrides(data, out, max_iters=400, num_workers=2, checkpoint_interval=1000)
+    log = work / "torchrun.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            [*launcher, "-m", "adapterctl", "train", *over],
+            cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not any(s >= 2 for s in _steps(out)):
+        time.sleep(0.1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    text = log.read_text()
+    ckpts = [c for c in _checkpoints(out) if c.startswith("iter_")]
+    step = int(ckpts[-1][5:12]) if ckpts else 0
+    both = text.count(f"preempted at iteration {step}; checkpoint") == 2
+    resume = _overrides(data, out, max_iters=step + 1, checkpoint_interval=1000) + ["resume=true"]
+    rc2 = _run(resume, work / "torchrun_resume.log") if ckpts else -1
+    report(
+        "SIGTERM to a 2-process torchrun group",
+        bool(ckpts) and both and rc2 == 0,
+        f"torchrun exit {rc}; both ranks: {'stopped: preempted' if both else 'NOT preempted cleanly'}",
+        f"checkpoint {ckpts[-1] if ckpts else None}; resume (one process) exit {rc2}",
+    )
 
     # 4. a learning rate that wrecks the weights while the loss is still finite
     nan = work / "nan"

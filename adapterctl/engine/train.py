@@ -263,8 +263,8 @@ def run_train(cfg: DictConfig) -> dict:
                 preempted = all_reduce_sum(stop_now).item() > 0
                 if (step % ckpt_every == 0 and step < max_iters) or preempted:
                     last_good = save(step) or last_good
-                if preempted:
-                    raise Preempted(step, str(last_good) if dist.is_main and last_good else None)
+                if preempted:  # every rank names rank 0's checkpoint
+                    raise Preempted(step, broadcast_object(str(last_good) if last_good else None, dist))
                 if step % eval_every == 0 and step < max_iters:
                     metrics = run_eval(step)
         last_good = save(step) or last_good
