@@ -192,7 +192,13 @@ def predict(
     ckpt: Annotated[
         Path, typer.Argument(help="Training checkpoint (.pt) or converted model (.safetensors).", show_default=False)
     ],
-    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.", show_default=False)],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files or folders, then any key=value overrides of the checkpoint's config.",
+            show_default=False,
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
     mode: Annotated[str | None, typer.Option(help="whole, slide or aug (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -205,7 +211,10 @@ def predict(
     Detection: a JSON of boxes, scores, class names and RLE masks, and an overlay. Original image size."""
     from adapterctl.predict import run_predict
 
-    written = _run_guarded(run_predict, ckpt, inputs, out, mode, device, 0.5, score_thr, amp)
+    # a key=value that is not an existing path is an override (image names may contain "=" too)
+    overrides = [a for a in inputs if "=" in a and not Path(a).exists()]
+    images = [a for a in inputs if a not in overrides]
+    written = _run_guarded(run_predict, ckpt, images, out, mode, device, 0.5, score_thr, amp, overrides)
     typer.echo(f"wrote {len(written)} predictions to {out}")
 
 

@@ -73,17 +73,14 @@ def run_exported(fmt: str, path: Path, images: Tensor) -> Tensor:
 def run_export(overrides: Sequence[str]) -> str:
     """``adapterctl export ckpt=PATH [format=onnx|torch_export|torchscript] [input_size=[H,W]]``."""
     from adapterctl.engine.evaluate import eval_config
-    from adapterctl.models.build import build_model
 
-    ecfg, mcfg, state = eval_config(
+    ecfg, model, mcfg, _ = eval_config(
         overrides,
         config_name="export",
         own_keys=("ckpt", "format", "opset", "input_size", "check_parity", "paths", "atol"),
     )
     if mcfg.task != "segmentation":
         raise ValueError(f"{ecfg.ckpt}: export handles segmentation checkpoints; this one is {mcfg.task}")
-    model = build_model(mcfg)
-    model.load_state_dict(state["model"])
     model.eval()
     fmt = str(ecfg.format)
     if fmt not in FORMATS:

@@ -43,33 +43,30 @@ def run_predict(
     alpha: float = 0.5,
     score_thr: float = 0.3,
     amp: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> list[Path]:
     """Segmentation: ``<stem>.png`` (a palette PNG holding the values the dataset's annotation PNGs use: class
     k as k + 1 where 0 means unlabelled, e.g. ADE20K; else k) and ``<stem>_overlay.jpg`` per image.
     Detection: ``<stem>.json`` (detections scoring at least ``score_thr`` in the COCO results format of
     ``results.json``: ``bbox`` [x, y, w, h] in original pixels, ``category_id`` the dataset's id, ``score``,
     ``segmentation`` RLE, plus the class ``name``) and ``<stem>_overlay.jpg`` (masks tinted, boxes outlined).
-    ``amp``: None runs in the precision the checkpoint was trained in."""
-    from omegaconf import OmegaConf
+    ``amp``: None runs in the precision the checkpoint was trained in. ``overrides``: ``key=value`` merged into the
+    checkpoint's config (e.g. ``data.test.scale=[1024,256]``), as ``eval`` and ``export`` take them."""
     from PIL import Image
 
     from adapterctl.data.loader import to_annotation_values
     from adapterctl.data.transforms import EvalTransform
-    from adapterctl.engine.checkpoint import load_checkpoint
     from adapterctl.engine.distributed import resolve_device
     from adapterctl.engine.precision import autocast_context, checkpoint_precision, resolve_amp
     from adapterctl.files import ensure_dir
-    from adapterctl.models.build import build_model
+    from adapterctl.models.build import load_model_from_checkpoint
 
     if mode not in (None, "whole", "slide", "aug"):
         raise ConfigError(f"--mode must be whole, slide or aug, got {mode!r}")
-    state = load_checkpoint(ckpt)
-    cfg = OmegaConf.create(state["config"])
+    model, cfg, _ = load_model_from_checkpoint(ckpt, overrides)
     dev = resolve_device(device)
     precision = resolve_amp(amp or checkpoint_precision(cfg), dev)
     images = collect_images(inputs)
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
     model.to(dev).eval()
     out_dir = ensure_dir(out_dir)
     if cfg.task == "detection":

@@ -115,10 +115,11 @@ def _plain(node):
 @pytest.mark.parametrize("size", ["t", "s"])
 def test_model_config_instantiates(size):
     import torch
-    from hydra.utils import instantiate
+
+    from adapterctl.models.build import build_backbone
 
     cfg = compose("train", [f"model=vit_adapter_{size}", "model.img_size=64"])
-    model = instantiate(cfg.model).eval()
+    model = build_backbone(cfg.model).eval()
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 64, 64))
     assert [o.shape[-1] for o in outs] == [16, 8, 4, 2]

@@ -114,18 +114,33 @@ def test_missing_file_and_garbage_are_clear_errors(tmp_path):
         load_vit_weights(model.vit, bad)
 
 
-def test_build_loads_pretrained_from_config_path(tmp_path):
+def test_build_reads_no_file_and_load_pretrained_fills_every_adapter(tmp_path):
+    """The builder does no file I/O (a checkpoint alone rebuilds a model); ``load_pretrained`` is the one step
+    that reads a run's initial ViT weights, into whatever model holds the ViT-Adapter."""
+    from omegaconf import OmegaConf
+
+    from adapterctl.models.build import build_backbone
+    from adapterctl.models.pretrained import load_pretrained
+
     src = _source_vit(img_size=32)
     torch.save(src.state_dict(), tmp_path / "w.pth")
-    model = build_vit_adapter(
-        img_size=32,
-        embed_dim=DIM,
-        depth=DEPTH,
-        num_heads=HEADS,
-        conv_inplane=8,
-        deform_num_heads=2,
-        interaction_indexes=[[0, 0], [1, 1]],
-        vit_feature_mode="final",
-        pretrained=str(tmp_path / "w.pth"),
+    cfg = OmegaConf.create(
+        {
+            "_target_": "adapterctl.models.zoo.build_vit_adapter",
+            "pretrained": str(tmp_path / "gone.pth"),  # not there: building must not look
+            "img_size": 32,
+            "embed_dim": DIM,
+            "depth": DEPTH,
+            "num_heads": HEADS,
+            "conv_inplane": 8,
+            "deform_num_heads": 2,
+            "interaction_indexes": [[0, 0], [1, 1]],
+            "vit_feature_mode": "final",
+        }
     )
-    torch.testing.assert_close(model.vit.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight.detach())
+    backbone = build_backbone(cfg)
+    assert not torch.equal(backbone.vit.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    holder = torch.nn.Sequential(torch.nn.Identity(), backbone)
+    (report,) = load_pretrained(holder, tmp_path / "w.pth")
+    assert report.loaded > 0
+    torch.testing.assert_close(backbone.vit.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight.detach())

@@ -130,35 +130,20 @@ EVAL_KEYS = ("ckpt", "save_predictions", "mode", "paths", "trainer")
 
 
 def eval_config(overrides: Sequence[str], config_name: str = "eval", own_keys: Sequence[str] = EVAL_KEYS):
-    """Compose ``<config_name>.yaml`` with its own overrides and merge the rest into the checkpoint's config.
+    """Compose ``<config_name>.yaml`` with its own overrides; the rest are merged into the checkpoint's config.
 
-    Returns ``(command_cfg, model_cfg, state)``: the model is rebuilt from the config stored in the checkpoint.
+    Returns ``(command_cfg, model, model_cfg, state)``: the model is rebuilt from the checkpoint alone.
     """
-    import yaml
-    from omegaconf import OmegaConf
-
-    from adapterctl.config import ConfigError, compose
+    from adapterctl.config import compose
     from adapterctl.config_schema import EVAL_RULES, check_config
-    from adapterctl.engine.checkpoint import load_checkpoint
+    from adapterctl.models.build import load_model_from_checkpoint
 
     own = [o for o in overrides if o.split("=", 1)[0].lstrip("+").split(".")[0] in own_keys]
     rest = [o for o in overrides if o not in own]
     ecfg = compose(config_name, own)
     check_config(ecfg, EVAL_RULES)
-    state = load_checkpoint(str(ecfg.ckpt))
-    mcfg = OmegaConf.create(state["config"])
-    OmegaConf.set_struct(mcfg, True)
-    for ov in rest:
-        key, _, value = ov.partition("=")
-        if key.startswith("+"):
-            OmegaConf.set_struct(mcfg, False)
-            key = key[1:]
-        try:
-            OmegaConf.update(mcfg, key, yaml.safe_load(value) if value else None, merge=True)
-        except Exception as exc:  # omegaconf ConfigAttributeError / KeyValidationError
-            raise ConfigError(f"override '{ov}' does not fit the checkpoint's config: {exc}".splitlines()[0]) from None
-        OmegaConf.set_struct(mcfg, True)
-    return ecfg, mcfg, state
+    model, mcfg, state = load_model_from_checkpoint(str(ecfg.ckpt), rest)
+    return ecfg, model, mcfg, state
 
 
 def run_eval(overrides: Sequence[str]) -> dict:
@@ -172,9 +157,8 @@ def run_eval(overrides: Sequence[str]) -> dict:
     from adapterctl.engine.distributed import barrier, cleanup, init_distributed
     from adapterctl.engine.precision import checkpoint_precision, resolve_amp
     from adapterctl.engine.tasks import get_task
-    from adapterctl.models.build import build_model
 
-    ecfg, mcfg, state = eval_config(overrides)
+    ecfg, model, mcfg, state = eval_config(overrides)
     check_config(mcfg, keys=("data.num_classes", "data.ignore_index", "data.on_bad_sample"))
     if mcfg.task == "detection" and ecfg.mode is not None:
         raise ConfigError(f"mode={ecfg.mode}: inference modes (whole, slide, aug) are for segmentation checkpoints")
@@ -185,8 +169,6 @@ def run_eval(overrides: Sequence[str]) -> dict:
             or Path(str(ecfg.ckpt)).resolve().parent.parent / f"eval_{time.strftime('%Y%m%d-%H%M%S')}"
         )
         task = get_task(mcfg)
-        model = build_model(mcfg)
-        model.load_state_dict(state["model"])
         model.to(dist.device)
         dataset = task.dataset(train=False)
         # the checkpoint's precision unless trainer.amp says otherwise: a run is evaluated as it was trained

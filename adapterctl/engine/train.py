@@ -89,6 +89,7 @@ def run_train(cfg: DictConfig) -> dict:
     from adapterctl.engine.tasks import get_task, headline
     from adapterctl.files import clean_partial_writes, ensure_dir
     from adapterctl.models.build import build_model
+    from adapterctl.models.pretrained import load_pretrained
 
     check_config(cfg)  # types and ranges, before anything is built or written
     task_impl = get_task(cfg)
@@ -111,7 +112,12 @@ def run_train(cfg: DictConfig) -> dict:
         task_impl.check(dist)
         torch.manual_seed(int(cfg.seed) + dist.rank)
 
-        model = build_model(cfg).to(dist.device)
+        model = build_model(cfg)
+        if state is None and cfg.model.get("pretrained"):  # initial weights: a fresh run's only file input
+            for report in load_pretrained(model, str(cfg.model.pretrained)):
+                if dist.is_main:
+                    console.print(str(report), soft_wrap=True, markup=False)
+        model.to(dist.device)
         if dist.distributed and dist.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif dist.distributed and dist.is_main:
@@ -187,7 +193,8 @@ def run_train(cfg: DictConfig) -> dict:
                 "scaler": scaler.state_dict(),
                 "step": step,
                 "precision": amp,
-                "config": OmegaConf.to_container(cfg, resolve=True),
+                # unresolved: data paths follow ${paths.datasets} / data.root wherever the checkpoint goes
+                "config": OmegaConf.to_container(cfg, resolve=False),
                 "rng": rng_all,
             }
             path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(ckpt_dir, step))

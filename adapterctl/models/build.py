@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,11 +14,15 @@ from adapterctl.models.zoo import _resolve_norm
 
 
 def build_backbone(model_cfg: DictConfig | dict) -> nn.Module:
+    """The backbone the ``model`` config describes, with its initial weights (no file is read: ``pretrained``
+    says where a run's initial ViT weights come from, and ``run_train`` loads them)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    kwargs.pop("pretrained", None)
     try:
-        return instantiate(model_cfg, _convert_="all")
+        return instantiate(kwargs, _convert_="all")
     except InstantiationException as exc:  # surface the builder's own error (missing weights, bad kwarg)
         if exc.__cause__ is not None:
             raise exc.__cause__ from None
@@ -100,3 +106,39 @@ def build_model(cfg: DictConfig) -> nn.Module:
             f"task={cfg.task} needs head={head_name}, got head={cfg.head.name} (set both, or use an experiment)"
         )
     return builder(cfg)
+
+
+def checkpoint_config(state: dict, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config stored in a checkpoint with ``key=value`` / ``+key=value`` overrides merged in. The stored config
+    keeps its interpolations, so ``data.root=/elsewhere`` (or ``$ADAPTERCTL_DATASETS``) moves every path under it."""
+    import yaml
+
+    from adapterctl.errors import ConfigError
+
+    cfg = OmegaConf.create(state["config"])
+    OmegaConf.set_struct(cfg, True)
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{ov}' is not key=value")
+        if key.startswith("+"):
+            OmegaConf.set_struct(cfg, False)
+            key = key[1:]
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+        except Exception as exc:  # omegaconf ConfigAttributeError / KeyValidationError
+            raise ConfigError(f"override '{ov}' does not fit the checkpoint's config: {exc}".splitlines()[0]) from None
+        OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def load_model_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[nn.Module, DictConfig, dict]:
+    """``(model, config, state)`` from a training checkpoint or a converted ``.safetensors``, and nothing else: no
+    pretrained file, no dataset. The one loader of ``eval``, ``export`` and ``predict``."""
+    from adapterctl.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state, overrides)
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model, cfg, state

@@ -107,3 +107,14 @@ def load_vit_weights(vit: nn.Module, path: str | Path, strict: bool = False) -> 
     report = LoadReport(str(path), len(usable), missing, unexpected)
     log.info("%s", report)
     return report
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[LoadReport]:
+    """Load a local timm-format ViT file into the plain ViT of every ViT-Adapter inside ``model`` (a backbone, a
+    segmentor or a detector); returns one report each."""
+    from adapterctl.models.vit_adapter import ViTAdapter
+
+    adapters = [m for m in model.modules() if isinstance(m, ViTAdapter)]
+    if not adapters:
+        raise CheckpointError(f"model.pretrained={path}: this model holds no ViT-Adapter to load it into")
+    return [load_vit_weights(a.vit, path) for a in adapters]

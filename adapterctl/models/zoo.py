@@ -110,18 +110,18 @@ def build_vit_adapter(
     layer_scale: bool = True,
     drop_path_rate: float = 0.0,
     interaction_indexes: Sequence[Sequence[int]] = ((0, 2), (3, 5), (6, 8), (9, 11)),
-    pretrained: str | None = None,
     norm_layer: Callable[[int], nn.Module] | str = "batchnorm",
     **adapter_kwargs: Any,
 ) -> ViTAdapter:
-    """Build a ViT-Adapter around a timm VisionTransformer.
+    """Build a ViT-Adapter around a timm VisionTransformer. No file I/O: pretrained ViT weights are loaded
+    afterwards (:func:`adapterctl.models.pretrained.load_pretrained`; ``adapterctl train`` does it when it starts a
+    run, never when it resumes one), so a checkpoint alone rebuilds the model anywhere.
 
     Args:
         vit: a timm model name (``vit_small_patch16_384``, ...) to wrap instead of the plain DeiT-style ViT that
             ``embed_dim``/``depth``/``num_heads``/``mlp_ratio``/``qkv_bias`` describe. Never downloads weights.
         img_size: the ViT's pretraining size; sets the position-embedding grid (``img_size // 16``).
         layer_scale: per-block ``gamma1``/``gamma2`` (init 1), as every official config has.
-        pretrained: a local timm-format checkpoint (.pth, .safetensors, .npz) for the ViT part.
         norm_layer: ``"batchnorm"`` (default), ``"syncbatchnorm"`` or a callable, for the SPM and output norms.
         adapter_kwargs: the remaining :class:`ViTAdapter` arguments.
     """
@@ -162,10 +162,6 @@ def build_vit_adapter(
         norm_layer=norm,
         **adapter_kwargs,
     )
-    if pretrained:
-        from adapterctl.models.pretrained import load_vit_weights
-
-        load_vit_weights(adapter.vit, pretrained)
     return adapter
 
 
