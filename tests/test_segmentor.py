@@ -80,10 +80,21 @@ def test_slide_equals_whole_when_one_crop_covers_the_image():
 
 
 def test_slide_windows_cover_and_average():
-    model = _segmentor(crop_size=(64, 64), stride=(32, 32))
-    img = torch.rand(1, 3, 96, 128) * 255
+    model = _segmentor(crop_size=(64, 64), stride=(48, 40))  # windows overlap unevenly; the last ones shift back
+    img = torch.rand(1, 3, 100, 130) * 255
     out = model.predict(img, mode="slide", out_size=(100, 130))
     assert out.shape == (1, 5, 100, 130) and torch.isfinite(out).all()
+    crops = []
+
+    def scores_of_the_crop_itself(crop):  # each crop "predicts" its own pixels: averaging must rebuild the image
+        crops.append(crop.shape[-2:])
+        return crop[:, :1].expand(-1, 5, -1, -1)
+
+    model.encode_decode = scores_of_the_crop_itself
+    torch.testing.assert_close(model.slide_logits(img), img[:, :1].expand(-1, 5, -1, -1))
+    assert len(crops) == 2 * 3 and all(tuple(c) == (64, 64) for c in crops)  # ceil(36 / 48) + 1, ceil(66 / 40) + 1
+    model.encode_decode = lambda crop: crop.new_ones(crop.shape[0], 5, *crop.shape[-2:])
+    torch.testing.assert_close(model.slide_logits(img), torch.ones(1, 5, 100, 130))  # every pixel counted
 
 
 def test_non_multiple_input_is_padded_and_cropped_back():

@@ -88,16 +88,16 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 
 def test_non_finite_loss_stops_with_a_clear_message(synth_seg, tmp_path, monkeypatch):
-    import adapterctl.models.segmentor as segmentor
+    import adapterctl.models.heads.common as heads
 
-    real_ce, calls = segmentor.seg_cross_entropy, {"n": 0}
+    real_ce, calls = heads.seg_cross_entropy, {"n": 0}
 
     def ce_nan_from_iteration_3(*args, **kwargs):  # two heads: calls 5 and 6 are iteration 3
         calls["n"] += 1
         loss = real_ce(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setattr(segmentor, "seg_cross_entropy", ce_nan_from_iteration_3)
+    monkeypatch.setattr(heads, "seg_cross_entropy", ce_nan_from_iteration_3)
     cfg = compose("train", tiny_train_overrides(synth_seg, tmp_path / "nan", max_iters=6))
     with pytest.raises(TrainingError, match=r"non-finite loss at iteration 3 \(loss_decode=nan.*iter_0000002\.pt"):
         run_train(cfg)

@@ -41,17 +41,14 @@ def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mo
     dec: dict[str, Any] = OmegaConf.to_container(head.decode, resolve=True)
     if dec.pop("name") != "upernet":
         raise ValueError(f"head.decode.name: only 'upernet' is available, got {head.decode.name!r}")
-    loss_weight = dec.pop("loss_weight", 1.0)
-    decode = UPerHead(
-        in_channels=[channels[i] for i in dec["in_index"]], num_classes=head.num_classes, norm_layer=norm, **dec
-    )
-    aux_head, aux_weight = None, 0.0
+    common = dict(num_classes=head.num_classes, norm_layer=norm, ignore_index=head.ignore_index)
+    decode = UPerHead(in_channels=[channels[i] for i in dec["in_index"]], **common, **dec)
+    aux_head = None
     if head.get("auxiliary") is not None:
         aux: dict[str, Any] = OmegaConf.to_container(head.auxiliary, resolve=True)
         if aux.pop("name") != "fcn":
             raise ValueError(f"head.auxiliary.name: only 'fcn' is available, got {head.auxiliary.name!r}")
-        aux_weight = aux.pop("loss_weight", 0.4)
-        aux_head = FCNHead(in_channels=channels[aux["in_index"]], num_classes=head.num_classes, norm_layer=norm, **aux)
+        aux_head = FCNHead(in_channels=channels[aux["in_index"]], **common, **aux)
     test = cfg.data.test
     return EncoderDecoder(
         backbone,
@@ -59,9 +56,6 @@ def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mo
         aux_head,
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),
-        ignore_index=head.ignore_index,
-        decode_loss_weight=loss_weight,
-        aux_loss_weight=aux_weight,
         test_mode=test.mode,
         crop_size=list(test.crop_size),
         stride=list(test.stride),

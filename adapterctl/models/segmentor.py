@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapterctl.models.heads.common import resize, seg_accuracy, seg_cross_entropy
+from adapterctl.models.heads.common import SemanticHead, resize, seg_accuracy
 
 
 class EncoderDecoder(nn.Module):
@@ -22,9 +22,9 @@ class EncoderDecoder(nn.Module):
 
     Args:
         backbone: returns ``[f1, f2, f3, f4]``; must declare ``feature_info``.
-        decode_head, auxiliary_head: modules mapping the backbone maps to logits.
+        decode_head, auxiliary_head: :class:`SemanticHead` s: each owns its loss (``head.loss``) and says how its
+            outputs become class scores (``head.semantic_scores``); inference here works on those scores only.
         mean, std: RGB normalisation on the 0-255 scale; images enter the model unnormalised.
-        decode_loss_weight, aux_loss_weight: cross-entropy weights (1.0 and 0.4 in the paper's configs).
         test_mode: ``whole``, ``slide`` or ``aug``; ``crop_size``/``stride`` for slide, ``aug_ratios``/``aug_flip``
             and ``aug_mode`` (whole or slide per scale) for aug.
         size_divisor: the backbone's input multiple.
@@ -33,14 +33,11 @@ class EncoderDecoder(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        decode_head: nn.Module,
-        auxiliary_head: nn.Module | None = None,
+        decode_head: SemanticHead,
+        auxiliary_head: SemanticHead | None = None,
         *,
         mean: Sequence[float] = (123.675, 116.28, 103.53),
         std: Sequence[float] = (58.395, 57.12, 57.375),
-        ignore_index: int = 255,
-        decode_loss_weight: float = 1.0,
-        aux_loss_weight: float = 0.4,
         test_mode: str = "whole",
         crop_size: Sequence[int] = (512, 512),
         stride: Sequence[int] = (341, 341),
@@ -60,9 +57,6 @@ class EncoderDecoder(nn.Module):
         self.auxiliary_head = auxiliary_head
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.ignore_index = ignore_index
-        self.decode_loss_weight = decode_loss_weight
-        self.aux_loss_weight = aux_loss_weight
         self.test_mode = test_mode
         self.crop_size = tuple(int(c) for c in crop_size)
         self.stride = tuple(int(s) for s in stride)
@@ -74,25 +68,19 @@ class EncoderDecoder(nn.Module):
         self.num_classes = decode_head.num_classes
 
     # ------------------------------------------------------------------ training
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor] | Tensor:
-        """Training (``labels`` given): a dict of ``loss_*`` tensors (+ ``acc_seg``, not a loss).
-        Otherwise the logits of :meth:`predict` at the input size."""
-        if labels is None:
+    def forward(self, images: Tensor, targets: Tensor | None = None) -> dict[str, Tensor] | Tensor:
+        """Training (``targets``: (B, H, W) labels): the heads' ``loss_*`` tensors (+ ``acc_seg``, not a loss).
+        Otherwise the scores of :meth:`predict` at the input size."""
+        if targets is None:
             return self.predict(images)
         feats = self.backbone(self.normalize(images))
         decode = self.decode_head(feats)
-        out = {
-            "loss_decode": seg_cross_entropy(
-                decode, labels, self.ignore_index, self.decode_loss_weight, self.align_corners
-            ),
-        }
+        out = dict(self.decode_head.loss(decode, targets))
         if self.auxiliary_head is not None:
-            aux = self.auxiliary_head(feats)
-            out["loss_aux"] = seg_cross_entropy(
-                aux, labels, self.ignore_index, self.aux_loss_weight, self.align_corners
-            )
+            out.update(self.auxiliary_head.loss(self.auxiliary_head(feats), targets))
         with torch.no_grad():
-            out["acc_seg"] = seg_accuracy(decode.detach(), labels, self.align_corners)
+            scores = self.decode_head.semantic_scores(decode).detach()
+            out["acc_seg"] = seg_accuracy(scores, targets, self.align_corners)
         return out
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -107,7 +95,7 @@ class EncoderDecoder(nn.Module):
         pad_h, pad_w = (-h) % d, (-w) % d
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros in normalised space, as mmseg's Pad after Normalize
-        logits = self.decode_head(self.backbone(x))
+        logits = self.decode_head.semantic_scores(self.decode_head(self.backbone(x)))
         logits = resize(logits, (h + pad_h, w + pad_w), self.align_corners)
         return logits[..., :h, :w]
 

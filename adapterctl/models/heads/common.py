@@ -61,3 +61,32 @@ def seg_accuracy(logits: Tensor, labels: Tensor, align_corners: bool = False) ->
     """mmseg's ``acc_seg``: percent of all pixels (ignored ones count as wrong) predicted right."""
     up = resize(logits.float(), labels.shape[-2:], align_corners)
     return 100.0 * (up.argmax(1) == labels).sum() / labels.numel()
+
+
+class SemanticHead(nn.Module):
+    """The contract of a semantic-segmentation head: ``forward(features) -> outputs``; ``loss(outputs, labels)``
+    returns its ``loss_*`` terms; ``semantic_scores(outputs)`` returns (B, num_classes, h, w) scores whose argmax
+    is the prediction, at the head's own stride (:class:`EncoderDecoder` resizes, slides and averages them).
+
+    This base is the per-pixel classifier (UperNet, FCN): outputs are logits, the loss is mmseg 0.20's
+    cross-entropy weighted by ``loss_weight`` and named ``loss_name``. A query-based head (Mask2Former) keeps the
+    contract with its own outputs, loss and scores.
+    """
+
+    num_classes: int
+
+    def __init__(
+        self, *, loss_name: str = "loss_decode", loss_weight: float = 1.0, ignore_index: int = 255,
+        align_corners: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.loss_name, self.loss_weight = loss_name, float(loss_weight)
+        self.ignore_index, self.align_corners = int(ignore_index), align_corners
+
+    def loss(self, outputs: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return {
+            self.loss_name: seg_cross_entropy(outputs, labels, self.ignore_index, self.loss_weight, self.align_corners)
+        }
+
+    def semantic_scores(self, outputs: Tensor) -> Tensor:
+        return outputs

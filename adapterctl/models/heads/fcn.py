@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from adapterctl.models.heads.common import ConvBNReLU, NormLayer, init_head_weights
+from adapterctl.models.heads.common import ConvBNReLU, NormLayer, SemanticHead, init_head_weights
 
 
-class FCNHead(nn.Module):
-    """``num_convs`` ConvBNReLU layers on one backbone map, then a 1x1 classifier."""
+class FCNHead(SemanticHead):
+    """``num_convs`` ConvBNReLU layers on one backbone map, then a 1x1 classifier (loss ``loss_aux``, weight 0.4
+    by default: the auxiliary head of the UperNet configs)."""
 
     def __init__(
         self,
@@ -26,12 +27,16 @@ class FCNHead(nn.Module):
         align_corners: bool = False,
         in_index: int = 2,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        loss_name: str = "loss_aux",
+        loss_weight: float = 0.4,
+        ignore_index: int = 255,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            loss_name=loss_name, loss_weight=loss_weight, ignore_index=ignore_index, align_corners=align_corners
+        )
         if num_convs < 1:
             raise ValueError(f"num_convs must be >= 1, got {num_convs}")
         self.in_index = int(in_index)
-        self.align_corners = align_corners
         self.num_classes = num_classes
         layers = [ConvBNReLU(in_channels, channels, kernel_size, dilation, norm_layer)]
         layers += [ConvBNReLU(channels, channels, kernel_size, dilation, norm_layer) for _ in range(num_convs - 1)]

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from adapterctl.models.heads.common import ConvBNReLU, NormLayer, init_head_weights, resize
+from adapterctl.models.heads.common import ConvBNReLU, NormLayer, SemanticHead, init_head_weights, resize
 
 
-class UPerHead(nn.Module):
+class UPerHead(SemanticHead):
     """Pyramid pooling on the coarsest map + an FPN with bilinear top-down fusion; logits at stride 4.
 
     Args:
@@ -20,6 +20,7 @@ class UPerHead(nn.Module):
         pool_scales: adaptive-pooling sizes of the PPM.
         dropout_ratio: channel dropout (``Dropout2d``) before the classifier.
         in_index: which backbone maps to use.
+        loss_name, loss_weight, ignore_index: the cross-entropy term (:class:`SemanticHead`).
     """
 
     def __init__(
@@ -32,13 +33,17 @@ class UPerHead(nn.Module):
         align_corners: bool = False,
         in_index: Sequence[int] = (0, 1, 2, 3),
         norm_layer: NormLayer = nn.BatchNorm2d,
+        loss_name: str = "loss_decode",
+        loss_weight: float = 1.0,
+        ignore_index: int = 255,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            loss_name=loss_name, loss_weight=loss_weight, ignore_index=ignore_index, align_corners=align_corners
+        )
         in_channels = [int(c) for c in in_channels]
         self.in_index = [int(i) for i in in_index]
         if len(in_channels) != len(self.in_index):
             raise ValueError(f"in_channels {in_channels} and in_index {self.in_index} differ in length")
-        self.align_corners = align_corners
         self.num_classes = num_classes
         top = in_channels[-1]
         self.psp_modules = nn.ModuleList(
