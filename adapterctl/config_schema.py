@@ -42,7 +42,6 @@ NON_NEGATIVE_INT = _int(lambda v: v >= 0, "an integer >= 0")
 
 TRAIN_RULES: dict[str, Rule] = {
     "seed": NON_NEGATIVE_INT,
-    "task": _choice("segmentation", "detection"),
     "trainer.max_iters": POSITIVE_INT,
     "trainer.batch_size": POSITIVE_INT,
     "trainer.num_workers": NON_NEGATIVE_INT,

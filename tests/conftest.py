@@ -109,7 +109,6 @@ def tiny_det_overrides(data_root: Path, out_dir: Path, **trainer) -> list[str]:
         **trainer,
     }
     return [
-        "task=detection",
         "head=maskrcnn",
         "data=synthetic_det",
         f"data.root={data_root}",

@@ -101,7 +101,7 @@ def test_model_configs_equal_the_zoo_entry_points():
         model = {
             k: v
             for k, v in yaml.safe_load(yaml.safe_dump(dict(_plain(cfg.model)))).items()
-            if k not in ("_target_", "vit", "pretrained", "norm_layer")
+            if k not in ("family", "vit", "pretrained", "norm_layer")
         }
         assert model == variant_kwargs(size), size
 

@@ -55,7 +55,7 @@ def test_step_schedule_matches_mmcv():
 
 def test_detection_needs_the_detection_head(tmp_path):
     result = runner.invoke(app, ["train", "task=detection", f"paths.output_dir={tmp_path}"])
-    assert result.exit_code == 1 and "task=detection needs head=maskrcnn" in result.output
+    assert result.exit_code == 2 and "task=detection needs head=maskrcnn" in result.output
 
 
 def test_torchrun_two_processes_detection(synth_det, tmp_path):

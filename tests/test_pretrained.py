@@ -126,7 +126,7 @@ def test_build_reads_no_file_and_load_pretrained_fills_every_adapter(tmp_path):
     torch.save(src.state_dict(), tmp_path / "w.pth")
     cfg = OmegaConf.create(
         {
-            "_target_": "adapterctl.models.zoo.build_vit_adapter",
+            "family": "vit_adapter",
             "pretrained": str(tmp_path / "gone.pth"),  # not there: building must not look
             "img_size": 32,
             "embed_dim": DIM,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -16,6 +15,7 @@ from torch import nn
 
 from adapterctl.engine.precision import autocast_context
 from adapterctl.errors import TrainingError
+from adapterctl.registry import Registry
 
 
 class SegmentationTask:
@@ -173,11 +173,13 @@ class DetectionTask:
         return table
 
 
+TASKS: Registry[type] = Registry("task", "task")
+TASKS.register("segmentation", SegmentationTask)
+TASKS.register("detection", DetectionTask)
+
+
 def get_task(cfg: DictConfig):
-    tasks: dict[str, Any] = {"segmentation": SegmentationTask, "detection": DetectionTask}
-    if cfg.task not in tasks:
-        raise ValueError(f"task must be one of {sorted(tasks)}, got {cfg.task!r}")
-    return tasks[cfg.task](cfg)
+    return TASKS.get(str(cfg.task))(cfg)
 
 
 def headline(metrics: dict, keys: Sequence[str]) -> str:

@@ -92,6 +92,7 @@ def run_train(cfg: DictConfig) -> dict:
     from adapterctl.models.pretrained import load_pretrained
 
     check_config(cfg)  # types and ranges, before anything is built or written
+    cfg.task = str(cfg.task)  # derived from the head; a plain value in the run's config and checkpoints
     task_impl = get_task(cfg)
     t = cfg.trainer
     dist = init_distributed(str(t.device))

@@ -3,30 +3,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adapterctl.models.zoo import _resolve_norm
+from adapterctl.errors import ConfigError
+from adapterctl.models.zoo import _resolve_norm, build_vit_adapter
+from adapterctl.registry import HeadEntry, Registry
 
 
 def build_backbone(model_cfg: DictConfig | dict) -> nn.Module:
     """The backbone the ``model`` config describes, with its initial weights (no file is read: ``pretrained``
     says where a run's initial ViT weights come from, and ``run_train`` loads them)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     kwargs = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     kwargs.pop("pretrained", None)
+    if "family" not in kwargs and "_target_" in kwargs:  # checkpoints written before the registry
+        kwargs["family"] = {"adapterctl.models.zoo.build_vit_adapter": "vit_adapter"}.get(kwargs.pop("_target_"), "?")
+    builder = BACKBONES.get(str(kwargs.pop("family", None)))
     try:
-        return instantiate(kwargs, _convert_="all")
-    except InstantiationException as exc:  # surface the builder's own error (missing weights, bad kwarg)
-        if exc.__cause__ is not None:
-            raise exc.__cause__ from None
-        raise
+        return builder(**kwargs)
+    except TypeError as exc:  # an unknown or missing keyword: name it as a config key
+        raise ConfigError(f"model: {exc}".replace(f"{builder.__name__}() ", "")) from None
 
 
 def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
@@ -88,18 +88,24 @@ def build_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mod
     )
 
 
-_HEAD_OF_TASK = {"segmentation": ("upernet", build_segmentor), "detection": ("maskrcnn", build_detector)}
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone family", "model.family")
+BACKBONES.register("vit_adapter", build_vit_adapter)
+
+HEADS: Registry[HeadEntry] = Registry("head", "head.name")
+HEADS.register("upernet", HeadEntry(build_segmentor, tasks=("segmentation",)))
+HEADS.register("maskrcnn", HeadEntry(build_detector, tasks=("detection",)))
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
-    if cfg.task not in _HEAD_OF_TASK:
-        raise ValueError(f"task must be one of {sorted(_HEAD_OF_TASK)}, got {cfg.task!r}")
-    head_name, builder = _HEAD_OF_TASK[cfg.task]
-    if cfg.head.get("name", head_name) != head_name:
-        raise ValueError(
-            f"task={cfg.task} needs head={head_name}, got head={cfg.head.name} (set both, or use an experiment)"
+    """The whole model of ``cfg``: the head family's builder (``HEADS``) around the backbone (``BACKBONES``)."""
+    entry = HEADS.get(str(cfg.head.name))
+    if cfg.task not in entry.tasks:
+        serving = [name for name, e in HEADS.items() if cfg.task in e.tasks]
+        raise ConfigError(
+            f"task={cfg.task} needs head={' or head='.join(serving) or '?'}; head={cfg.head.name} serves "
+            f"{', '.join(entry.tasks)} (the task follows the head: set head=, or use an experiment)"
         )
-    return builder(cfg)
+    return entry.build(cfg)
 
 
 def checkpoint_config(state: dict, overrides: Sequence[str] = ()) -> DictConfig:

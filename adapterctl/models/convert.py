@@ -44,7 +44,7 @@ def _head_overrides(full: dict[str, Tensor]) -> list[str]:
 
 def _det_head_overrides(full: dict[str, Tensor]) -> list[str]:
     """Task, class count and head widths read off an mmdet Mask R-CNN state dict."""
-    out = ["task=detection", "head=maskrcnn"]
+    out = ["head=maskrcnn"]
     cls = full.get("roi_head.bbox_head.fc_cls.weight")
     if cls is not None:
         out += [f"head.num_classes={cls.shape[0] - 1}", f"data.num_classes={cls.shape[0] - 1}"]
