@@ -185,6 +185,22 @@ def test_window_attention_matches_official_unpadded_masking(h, w, ws):
     torch.testing.assert_close(attn(x, (h, w)), _official_windowed_attention(attn, x, h, w), atol=1e-5, rtol=1e-5)
 
 
+def test_window_attention_refuses_attention_it_would_compute_differently():
+    from functools import partial
+
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.vision_transformer import Attention
+
+    norm = partial(torch.nn.LayerNorm, eps=1e-6)
+    with pytest.raises(TypeError, match="Attention only; got timm.models.beit.Attention"):
+        WindowedAttention(BeitAttention(32, num_heads=4, qkv_bias=True, window_size=(4, 4)), window_size=2)
+    with pytest.raises(TypeError, match="it has q_norm, k_norm"):
+        WindowedAttention(Attention(32, num_heads=4, qk_norm=True, norm_layer=norm), window_size=2)
+    with pytest.raises(TypeError, match="it has norm"):
+        WindowedAttention(Attention(32, num_heads=4, scale_norm=True, norm_layer=norm), window_size=2)
+    WindowedAttention(Attention(32, num_heads=4, qkv_bias=True), window_size=2)  # the plain one is accepted
+
+
 def test_variants_keep_released_hyperparameters():
     l_kwargs = variant_kwargs("l", "detection")
     assert l_kwargs["interaction_indexes"] == [[0, 5], [6, 11], [12, 17], [18, 23]]

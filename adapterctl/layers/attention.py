@@ -21,9 +21,7 @@ class WindowedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, window_size: int) -> None:
         super().__init__()
-        for name in ("qkv", "proj", "num_heads"):
-            if not hasattr(attn, name):
-                raise TypeError(f"window attention needs a timm-style Attention with .{name}; got {type(attn)}")
+        _check_plain(attn)
         self.qkv = attn.qkv
         self.proj = attn.proj
         self.attn_drop = getattr(attn, "attn_drop", nn.Identity())
@@ -53,3 +51,22 @@ class WindowedAttention(nn.Module):
         out = out.view(b, nh, nw, heads, ws, ws, c // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
         out = out[:, :h, :w].reshape(b, n, c)
         return self.proj_drop(self.proj(out))
+
+
+def _check_plain(attn: nn.Module) -> None:
+    """Refuse an attention this window form would compute differently: anything but timm's plain ``Attention``,
+    or one with q/k norms, an output norm, a gate, a head width other than ``dim / heads``, or extra parameters
+    (timm ``Beit`` attention's ``q_bias``/``v_bias`` and relative-position table would be silently dropped)."""
+    from timm.models.vision_transformer import Attention
+
+    what = f"{type(attn).__module__}.{type(attn).__qualname__}"
+    if not isinstance(attn, Attention):
+        raise TypeError(f"window attention wraps timm's vision_transformer.Attention only; got {what}")
+    extra = [n for n in ("q_norm", "k_norm", "norm") if not isinstance(getattr(attn, n, nn.Identity()), nn.Identity)]
+    extra += [
+        n for n in ("gate", "q_bias", "v_bias", "relative_position_bias_table") if getattr(attn, n, None) is not None
+    ]
+    if extra:
+        raise TypeError(f"window attention cannot reproduce this {what}: it has {', '.join(extra)}")
+    if attn.qkv.out_features != 3 * attn.qkv.in_features:
+        raise TypeError(f"window attention needs head width dim / num_heads; {what} has qkv {attn.qkv}")
