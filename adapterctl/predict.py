@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapterctl.data.ade20k import IMAGE_SUFFIXES, load_image
+from adapterctl.data.images import IMAGE_SUFFIXES, load_image
 from adapterctl.errors import ConfigError, DataError
 
 
@@ -124,7 +124,7 @@ def _predict_detection(model, cfg, images, out_dir: Path, dev, score_thr: float,
     from PIL import Image, ImageDraw
     from pycocotools import mask as mask_utils
 
-    from adapterctl.data.coco import DetTransform
+    from adapterctl.data.det_transforms import DetTransform
     from adapterctl.files import write_text
 
     names, cat_ids = _categories(cfg)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from adapterctl.data.ade20k import DataError
 from adapterctl.data.coco import CocoDetection, LabelMap, load_coco
 from adapterctl.engine.coco_eval import CocoEvaluator
+from adapterctl.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def _sample_target(h=300, w=400):
 
 
 def test_absolute_range_crop_drops_boxes_outside_and_crops_masks():
-    from adapterctl.data.coco import _crop
+    from adapterctl.data.det_transforms import _crop
 
     image, target = _sample_target()
     for seed in range(20):
@@ -196,7 +196,7 @@ def test_absolute_range_crop_drops_boxes_outside_and_crops_masks():
 
 
 def test_detr_3x_pipeline_is_seeded_and_bounded():
-    from adapterctl.data.coco import DetrTransform
+    from adapterctl.data.det_transforms import DetrTransform
 
     t = DetrTransform([[1333, s] for s in range(480, 801, 32)])
     image, target = _sample_target()
@@ -212,7 +212,8 @@ def test_detr_3x_pipeline_is_seeded_and_bounded():
 
 def test_3x_experiment_uses_the_detr_pipeline(synth_det):
     from adapterctl.config import compose
-    from adapterctl.data.coco import DetrTransform, build_det_dataset
+    from adapterctl.data.coco import build_det_dataset
+    from adapterctl.data.det_transforms import DetrTransform
 
     cfg = compose(
         "train",

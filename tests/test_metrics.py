@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adapterctl.engine.evaluate import SegEvaluator
+from adapterctl.engine.evaluators import SegEvaluator
 
 
 def _numpy_reference(preds, labels, num_classes, ignore=255):

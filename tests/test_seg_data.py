@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adapterctl.data.ade20k import DataError, SegmentationFolder, load_image, load_label
+from adapterctl.data.ade20k import SegmentationFolder, load_label
+from adapterctl.data.images import load_image
 from adapterctl.data.transforms import EvalTransform, TrainTransform, pad_to, random_crop_box, rescale_size
+from adapterctl.errors import DataError
 
 
 def _write_pair(root, split, name, label: np.ndarray, image: np.ndarray | None = None):

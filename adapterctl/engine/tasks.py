@@ -68,7 +68,7 @@ class SegmentationTask:
         save_predictions: bool = False,
     ) -> dict:
         from adapterctl.data.loader import class_names, eval_loader
-        from adapterctl.engine.evaluate import SegEvaluator, evaluate_segmentation
+        from adapterctl.engine.evaluators import SegEvaluator, evaluate_segmentation
 
         data = self.cfg.data
         evaluator = SegEvaluator(int(data.num_classes), class_names(data), int(data.ignore_index), device)
@@ -86,7 +86,7 @@ class SegmentationTask:
 
     @staticmethod
     def table(metrics: dict, title: str):
-        from adapterctl.engine.evaluate import metrics_table
+        from adapterctl.engine.evaluators import metrics_table
 
         return metrics_table(metrics, title)
 

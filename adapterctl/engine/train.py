@@ -83,7 +83,7 @@ def run_train(cfg: DictConfig) -> dict:
     from adapterctl.config import save_config
     from adapterctl.config_schema import check_config
     from adapterctl.data.loader import train_loader
-    from adapterctl.engine.evaluate import write_metrics
+    from adapterctl.engine.evaluators import write_metrics
     from adapterctl.engine.optim import build_optimizer, build_scheduler
     from adapterctl.engine.precision import checkpoint_precision
     from adapterctl.engine.tasks import get_task, headline
