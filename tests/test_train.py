@@ -302,3 +302,39 @@ def test_gradient_clipping_is_applied_when_set(synth_seg, tmp_path, monkeypatch)
     seen.clear()
     run_train(compose("train", tiny_train_overrides(synth_seg, tmp_path / "noclip", max_iters=2)))
     assert seen == []  # the official configs do not clip
+
+
+def test_resume_from_a_given_checkpoint_and_pruning_keeps_the_newest(synth_seg, tmp_path):
+    out = tmp_path / "run"
+    run_train(
+        compose("train", tiny_train_overrides(synth_seg, out, max_iters=6, checkpoint_interval=1, keep_checkpoints=2))
+    )
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [5, 6]  # 1..4 deleted from disk
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["final.pt", "iter_0000005.pt", "iter_0000006.pt"]
+    # resume=PATH: another run directory continues from that checkpoint's step and state
+    branch = tmp_path / "branch"
+    given = out / "checkpoints" / "iter_0000005.pt"
+    run_train(compose("train", tiny_train_overrides(synth_seg, branch, max_iters=6) + [f"resume={given}"]))
+    assert _train_losses(branch).keys() == {6}
+    assert math.isclose(_train_losses(branch)[6], _train_losses(out)[6], rel_tol=1e-6)
+    missing = runner.invoke(
+        app, ["train", *tiny_train_overrides(synth_seg, tmp_path / "b2"), f"resume={tmp_path}/no.pt"]
+    )
+    assert missing.exit_code == 1 and "no.pt" in missing.output
+
+
+def test_bad_samples_are_skipped_and_reported_through_training(synth_seg, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_seg, data)
+    broken = sorted((data / "images" / "training").glob("*.jpg"))[0]
+    broken.write_bytes(b"not a jpeg")
+    out = tmp_path / "run"
+    failing = runner.invoke(app, ["train", *tiny_train_overrides(data, out, max_iters=4)])
+    assert failing.exit_code == 1 and broken.name in failing.output and "Traceback" not in failing.output
+    result = runner.invoke(
+        app, ["train", *tiny_train_overrides(data, tmp_path / "lenient", max_iters=4), "data.on_bad_sample=skip"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 bad sample" in result.output and broken.name in result.output

@@ -77,11 +77,9 @@ class CocoEvaluator:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return {}
         if results_file is not None:
-            path = Path(results_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results))
-            tmp.replace(path)
+            from adapterctl.files import write_text
+
+            write_text(results_file, json.dumps(results))
         metrics: dict[str, float | None] = {}
         for iou_type in self.iou_types:
             rows = [r for r in results if iou_type == "bbox" or "segmentation" in r]
