@@ -52,28 +52,34 @@ def run_predict(
     ``segmentation`` RLE, plus the class ``name``) and ``<stem>_overlay.jpg`` (masks tinted, boxes outlined).
     ``amp``: None runs in the precision the checkpoint was trained in. ``overrides``: ``key=value`` merged into the
     checkpoint's config (e.g. ``data.test.scale=[1024,256]``), as ``eval`` and ``export`` take them."""
-    from PIL import Image
-
-    from adapterctl.data.loader import to_annotation_values
-    from adapterctl.data.transforms import EvalTransform
     from adapterctl.engine.distributed import resolve_device
     from adapterctl.engine.precision import autocast_context, checkpoint_precision, resolve_amp
+    from adapterctl.engine.tasks import get_task
     from adapterctl.files import ensure_dir
     from adapterctl.models.build import load_model_from_checkpoint
 
     if mode not in (None, "whole", "slide", "aug"):
         raise ConfigError(f"--mode must be whole, slide or aug, got {mode!r}")
     model, cfg, _ = load_model_from_checkpoint(ckpt, overrides)
+    task = get_task(cfg)
     dev = resolve_device(device)
     precision = resolve_amp(amp or checkpoint_precision(cfg), dev)
     images = collect_images(inputs)
     model.to(dev).eval()
     out_dir = ensure_dir(out_dir)
-    if cfg.task == "detection":
-        if mode is not None:
-            raise ConfigError(f"--mode {mode}: inference modes are for segmentation checkpoints")
-        with autocast_context(dev, precision):
-            return _predict_detection(model, cfg, images, out_dir, dev, score_thr, alpha)
+    with autocast_context(dev, precision):
+        return task.predict(model, images, out_dir, dev, mode=mode, score_thr=score_thr, alpha=alpha)
+
+
+def predict_segmentation(
+    model, cfg, images: Sequence[Path], out_dir: Path, dev, mode: str | None, alpha: float
+) -> list[Path]:
+    """Per image: a palette label PNG in the annotations' values and a colour overlay."""
+    from PIL import Image
+
+    from adapterctl.data.loader import to_annotation_values
+    from adapterctl.data.transforms import EvalTransform
+
     transform = EvalTransform(list(cfg.data.test.scale), int(cfg.data.test.size_divisor))
     offset = int(bool(cfg.data.get("reduce_zero_label", False)))
     colours = palette(int(cfg.data.num_classes))
@@ -81,8 +87,7 @@ def run_predict(
     written = []
     for path in images:
         img = load_image(path)
-        with autocast_context(dev, precision):
-            scores = model.predict(transform(img)[None].to(dev), out_size=tuple(img.shape[-2:]), mode=mode)
+        scores = model.predict(transform(img)[None].to(dev), out_size=tuple(img.shape[-2:]), mode=mode)
         pred = scores.argmax(1)[0].cpu().numpy()
         label = Image.fromarray(to_annotation_values(pred, bool(offset)), mode="P")
         label.putpalette(png_palette)
@@ -118,7 +123,10 @@ def _categories(cfg) -> tuple[list[str], list[int]]:
     return names, list(range(1, n + 1))
 
 
-def _predict_detection(model, cfg, images, out_dir: Path, dev, score_thr: float, alpha: float) -> list[Path]:
+def predict_detection(
+    model, cfg, images: Sequence[Path], out_dir: Path, dev, score_thr: float, alpha: float
+) -> list[Path]:
+    """Per image: the detections in the COCO results format (JSON) and an overlay."""
     import json
 
     from PIL import Image, ImageDraw

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from adapterctl.engine.precision import autocast_context
-from adapterctl.errors import TrainingError
+from adapterctl.errors import ConfigError, TrainingError
 from adapterctl.registry import Registry
 
 
@@ -83,6 +83,12 @@ class SegmentationTask:
             predictions_dir=pred_dir,
             reduce_zero_label=bool(data.reduce_zero_label),
         )
+
+    def predict(self, model: nn.Module, images, out_dir: Path, device, *, mode=None, score_thr=0.5, alpha=0.5):
+        """``adapterctl predict``: label PNGs and overlays (``adapterctl.predict.predict_segmentation``)."""
+        from adapterctl.predict import predict_segmentation
+
+        return predict_segmentation(model, self.cfg, images, out_dir, device, mode, alpha)
 
     @staticmethod
     def table(metrics: dict, title: str):
@@ -158,6 +164,14 @@ class DetectionTask:
         model.train(was_training)
         results_file = out_dir / "results.json" if out_dir is not None else None
         return evaluator.compute(results_file)
+
+    def predict(self, model: nn.Module, images, out_dir: Path, device, *, mode=None, score_thr=0.5, alpha=0.5):
+        """``adapterctl predict``: COCO-results JSON and overlays (``adapterctl.predict.predict_detection``)."""
+        from adapterctl.predict import predict_detection
+
+        if mode is not None:
+            raise ConfigError(f"--mode {mode}: inference modes are for segmentation checkpoints")
+        return predict_detection(model, self.cfg, images, out_dir, device, score_thr, alpha)
 
     @staticmethod
     def table(metrics: dict, title: str):
