@@ -22,7 +22,7 @@ ROOT_CONFIGS = ("train", "eval", "export")
 def config_groups() -> dict[str, list[str]]:
     """Every config group under ``conf/`` and its options."""
     return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        d.name: sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_"))  # _base files are not options
         for d in sorted(CONFIG_DIR.iterdir())
         if d.is_dir() and not d.name.startswith((".", "_"))
     }
@@ -125,6 +125,7 @@ def compose(config_name: str = "train", overrides: Sequence[str] = (), run_dir: 
                     ) from None
                 raise _explain_bad_key(config_name, overrides, key, exc) from None
         raise ConfigError(msg) from None
+    _expand_model_size(cfg)
     if run_dir and cfg.get("paths") is not None and cfg.paths.get("output_dir") is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.paths.output_dir = str(Path("runs") / str(cfg.get("experiment_name", "default")) / stamp)
@@ -135,6 +136,32 @@ def compose(config_name: str = "train", overrides: Sequence[str] = (), run_dir: 
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"Config value '{key}' must be set (it is '???' or unresolvable): {reason}.") from None
     return cfg
+
+
+def _expand_model_size(cfg: DictConfig) -> None:
+    """Write a released size's values (``model.size=t``) into every model key the config left null, after the
+    overrides: the composed config, ``config.yaml`` and checkpoints then hold each value, while the YAML files hold
+    none of them (``adapterctl.models.variants`` is their one home)."""
+    from adapterctl.models.variants import SIZE_TABLES
+
+    model = cfg.get("model")
+    if not isinstance(model, DictConfig) or "size" not in model or OmegaConf.is_missing(model, "size"):
+        return
+    expand = SIZE_TABLES.get(str(model.get("family")))
+    if expand is None or model.size is None:
+        return
+    given = {
+        k: v
+        for k, v in OmegaConf.to_container(model, resolve=True).items()
+        if k not in ("family", "size", "layout", "pretrained", "norm_layer")
+    }
+    try:
+        full = expand(str(model.size), str(model.get("layout", "segmentation")), **given)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    for key, value in full.items():
+        if key in model and model[key] is None:
+            model[key] = value
 
 
 def to_yaml(cfg: DictConfig | ListConfig) -> str:

@@ -22,7 +22,7 @@ def list_experiments() -> list[dict]:
             {
                 "name": path.stem,
                 "paper_config": paper.get("config"),
-                "model": str(m.get("family", "vit_adapter")) if m.get("vit") is None else m.vit,
+                "model": str(m.family) if m.get("vit") is None else m.vit,
                 "size": f"{m.embed_dim}d x {m.depth}",
                 "pretrained": str(m.pretrained).rsplit("/", 1)[-1] if m.pretrained else "-",
                 "img_size": m.img_size,

@@ -94,16 +94,27 @@ def test_no_config_uses_hydra_interpolations():
 
 
 def test_model_configs_equal_the_zoo_entry_points():
+    """The sizes live in one place (variants.VARIANTS): a model YAML names a size and repeats none of its values;
+    the composed config holds them all (for config.yaml and checkpoints), windows derived for the detection copy."""
     from adapterctl.models.zoo import variant_kwargs
 
+    skip = ("family", "size", "layout", "pretrained", "norm_layer", "vit")
     for size in "tsbl":
         cfg = compose("train", [f"model=vit_adapter_{size}"])
-        model = {
-            k: v
-            for k, v in yaml.safe_load(yaml.safe_dump(dict(_plain(cfg.model)))).items()
-            if k not in ("family", "vit", "pretrained", "norm_layer")
-        }
-        assert model == variant_kwargs(size), size
+        assert {k: v for k, v in _plain(cfg.model).items() if k not in skip} == variant_kwargs(size), size
+        own = yaml.safe_load((CONFIG_DIR / "model" / f"vit_adapter_{size}.yaml").read_text())
+        assert set(own) == {"defaults", "size"}, own
+    base = yaml.safe_load((CONFIG_DIR / "model" / "_vit_adapter.yaml").read_text())
+    assert all(v is None for k, v in base.items() if k not in skip), base
+    detection = compose("train", ["model=vit_adapter_l", "model.layout=detection", "model.drop_path_rate=0.5"])
+    assert {k: v for k, v in _plain(detection.model).items() if k not in skip} == {
+        **variant_kwargs("l", "detection"),
+        "drop_path_rate": 0.5,
+    }
+    tiny = compose(
+        "train", ["model.depth=4", "model.interaction_indexes=[[0,0],[1,1],[2,2],[3,3]]", "model.layout=detection"]
+    )
+    assert list(tiny.model.window_attn) == [False] * 4  # derived from the overridden groups: every block is last
 
 
 def _plain(node):

@@ -6,96 +6,26 @@ The values are those of the official ADE20K UperNet configs (architecture.md §2
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
 
 from torch import nn
 
+from adapterctl.models.variants import model_kwargs
 from adapterctl.models.vit_adapter import ViTAdapter
 
 Task = Literal["segmentation", "detection"]
 
-# Official constructor arguments per size; ``window_*`` for detection come from _detection_windows.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "t": dict(
-        embed_dim=192,
-        depth=12,
-        num_heads=3,
-        deform_num_heads=6,
-        deform_ratio=1.0,
-        drop_path_rate=0.1,
-        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-    ),
-    "s": dict(
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        deform_num_heads=6,
-        deform_ratio=1.0,
-        drop_path_rate=0.2,
-        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-    ),
-    "b": dict(
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        deform_num_heads=12,
-        deform_ratio=0.5,
-        drop_path_rate=0.3,
-        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-    ),
-    "l": dict(
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        deform_num_heads=16,
-        deform_ratio=0.5,
-        drop_path_rate=0.4,
-        interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
-    ),
-}
-
-# Shared by every size.
-COMMON: dict[str, Any] = dict(
-    img_size=224,
-    mlp_ratio=4.0,
-    qkv_bias=True,
-    layer_scale=True,
-    conv_inplane=64,
-    n_points=4,
-    init_values=0.0,
-    with_cffn=True,
-    cffn_ratio=0.25,
-    add_vit_feature=True,
-    use_extra_extractor=True,
-    with_cp=False,
-)
-
-
-def _detection_windows(interaction_indexes: Sequence[Sequence[int]], depth: int) -> dict[str, Any]:
-    """Window attention (14x14) on every block except the last of each interaction group (§2.13)."""
-    global_blocks = {int(idx[-1]) for idx in interaction_indexes}
-    return dict(
-        window_attn=[i not in global_blocks for i in range(depth)],
-        window_size=[None if i in global_blocks else 14 for i in range(depth)],
-        vit_feature_mode="final",
-    )
-
 
 def variant_kwargs(size: str, task: Task = "segmentation") -> dict[str, Any]:
     """The full constructor arguments of ``build_vit_adapter`` for a released size."""
-    if size not in VARIANTS:
-        raise ValueError(f"unknown ViT-Adapter size {size!r}; choose one of {sorted(VARIANTS)}")
-    kwargs = {**COMMON, **copy.deepcopy(VARIANTS[size])}
-    if task == "detection":
-        kwargs.update(_detection_windows(kwargs["interaction_indexes"], kwargs["depth"]))
-    elif task == "segmentation":
-        kwargs.update(window_attn=None, window_size=None, vit_feature_mode="per_interaction")
-    else:
-        raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
-    return kwargs
+    return model_kwargs(size, task)
+
+
+def build_from_config(size: str | None = None, layout: str = "segmentation", **given: Any) -> ViTAdapter:
+    """The ``vit_adapter`` backbone family as configs describe it (``conf/model/``): a size, a layout, overrides."""
+    return build_vit_adapter(**model_kwargs(size, layout, **given))
 
 
 def build_vit_adapter(
