@@ -253,3 +253,30 @@ def test_bench_prints_both_models_and_ratio():
     assert result.exit_code == 0, result.output
     for needle in ("timm ViT", "ViT-Adapter-T", "ratio"):
         assert needle in result.output
+
+
+def test_the_adapter_drives_its_vit_only_through_a_trunk():
+    from timm.models.beit import Beit
+    from timm.models.vision_transformer import VisionTransformer
+
+    from adapterctl.models.trunks import TimmViTTrunk, trunk_for
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+    vit.eval()
+    trunk = trunk_for(vit)
+    assert isinstance(trunk, TimmViTTrunk) and (trunk.embed_dim, trunk.depth) == (32, 3)
+    x = torch.randn(2, 3, 64, 48)
+    tokens, prefix, hw = trunk.embed(x)
+    assert hw == (4, 3) and tokens.shape == (2, 12, 32) and prefix is None
+    out, kept = trunk.run_blocks(tokens, None, 0, 2, hw, checkpoint=False)
+    want = tokens
+    for blk in vit.blocks:
+        want = blk(want)
+    torch.testing.assert_close(out, want)
+    assert kept is None
+    part, _ = trunk.run_blocks(tokens, None, 1, 1, hw, checkpoint=False)  # one group: block 1 alone
+    torch.testing.assert_close(part, vit.blocks[1](tokens))
+    beit = Beit(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    with pytest.raises(TypeError, match=r"no trunk drives a timm.models.beit.Beit; known: .*VisionTransformer"):
+        trunk_for(beit)

@@ -18,18 +18,12 @@ import torch.utils.checkpoint as cp
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from adapterctl.layers.attention import WindowedAttention
+from adapterctl.layers.checkpointing import checkpointed as _checkpointed
 from adapterctl.layers.ms_deform_attn import MSDeformAttn
+from adapterctl.models.trunks import trunk_for
 
 Shapes = list[tuple[int, int]]
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
-
-
-def _checkpointed(fn: Callable[..., Tensor], *args, enabled: bool) -> Tensor:
-    """Run ``fn`` under activation checkpointing when ``enabled`` and some input needs a gradient."""
-    if enabled and torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        return cp.checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 def _tokens_to_map(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -207,16 +201,9 @@ class Extractor(nn.Module):
         return _checkpointed(_inner, query, feat, enabled=self.with_cp)
 
 
-def run_vit_block(block: nn.Module, x: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Run one timm ViT block; window-attention blocks get the token grid size they need."""
-    if isinstance(block.attn, WindowedAttention):
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), hw)))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return block(x)
-
-
 class InteractionBlock(nn.Module):
-    """Injector -> a group of ViT blocks -> extractor (+ two extra extractors after the last group)."""
+    """Injector -> a group of ViT blocks (run by the trunk) -> extractor (+ two extra extractors after the last
+    group)."""
 
     def __init__(
         self,
@@ -265,29 +252,30 @@ class InteractionBlock(nn.Module):
         self,
         x: Tensor,
         c: Tensor,
-        blocks: Sequence[nn.Module],
+        prefix: Tensor | None,
+        run_vit: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
         deform_inputs: tuple[Tensor, Shapes, Tensor, Shapes],
-        hw: tuple[int, int],
         c_shapes: Shapes,
-        checkpoint_blocks: bool = False,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``run_vit(tokens, prefix)``: this group's ViT blocks (the trunk's ``run_blocks``); ``prefix`` tokens ride
+        along with the patch tokens and never enter the injector or extractor."""
         ref1, shapes1, ref2, shapes2 = deform_inputs
         x = self.injector(x, c, ref1, shapes1)
-        for blk in blocks:
-            x = _checkpointed(partial(run_vit_block, blk, hw=hw), x, enabled=checkpoint_blocks)
+        x, prefix = run_vit(x, prefix)
         c = self.extractor(c, x, ref2, shapes2, c_shapes)
         if self.extra_extractors is not None:
             for extractor in self.extra_extractors:
                 c = extractor(c, x, ref2, shapes2, c_shapes)
-        return x, c
+        return x, c, prefix
 
 
 class ViTAdapter(nn.Module):
     """A timm VisionTransformer with the ViT-Adapter around it; returns maps at strides 4, 8, 16 and 32.
 
     Args:
-        vit: a timm ``VisionTransformer`` with 16x16 patches. Its blocks are run in ``interaction_indexes``
-            groups; its cls token, final norm and head are not used.
+        vit: a plain ViT that a trunk drives (``adapterctl.models.trunks``; timm ``VisionTransformer`` with 16x16
+            patches today). Its blocks are run in ``interaction_indexes`` groups; its cls token, final norm and
+            head are not used.
         interaction_indexes: inclusive ``[first, last]`` block indices of each interaction group.
         conv_inplane: spatial prior module width C (maps have C, 2C, 4C, 4C channels).
         n_points, deform_num_heads, deform_ratio: MSDeformAttn sampling points, heads and value width ratio.
@@ -326,17 +314,10 @@ class ViTAdapter(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
-        patch = tuple(vit.patch_embed.proj.kernel_size)
-        if patch != (16, 16):
-            raise ValueError(
-                f"ViTAdapter needs a ViT with 16x16 patches (its token grid is the stride-16 map); got {patch}. "
-                "For a patch-14 model (DINOv2) resample the patch embedding to 16 first, e.g. "
-                "timm.create_model(name, patch_size=16, img_size=...) with weights loaded through "
-                "adapterctl.models.pretrained.load_vit_weights, which resamples the kernel."
-            )
+        trunk = trunk_for(vit)
         if vit_feature_mode not in ("per_interaction", "final"):
             raise ValueError(f"vit_feature_mode must be 'per_interaction' or 'final', got {vit_feature_mode!r}")
-        depth = len(vit.blocks)
+        depth = trunk.depth
         groups = [list(map(int, idx)) for idx in interaction_indexes]
         for idx in groups:
             if not (0 <= idx[0] <= idx[-1] < depth):
@@ -347,15 +328,14 @@ class ViTAdapter(nn.Module):
                 f"4 interactions, got {len(groups)}; use vit_feature_mode='final' or add_vit_feature=False"
             )
         self.vit = vit
-        self.embed_dim = embed_dim = vit.embed_dim
+        self.trunk = trunk  # drives self.vit; holds no parameters of its own
+        self.embed_dim = embed_dim = trunk.embed_dim
         self.interaction_indexes = groups
         self.add_vit_feature = add_vit_feature
         self.vit_feature_mode = vit_feature_mode
         self.with_cp = with_cp
         self.drop_path_rate = drop_path_rate
-        # the cls slot of pos_embed is kept (checkpoints carry it) but no cls token enters the forward
-        self.vit.cls_token = None
-        self._apply_window_attention(window_attn, window_size)
+        trunk.apply_window_attention(window_attn, window_size)
 
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
         self.spm = SpatialPriorModule(inplanes=conv_inplane, embed_dim=embed_dim, norm_layer=norm_layer)
@@ -389,23 +369,6 @@ class ViTAdapter(nn.Module):
         self.init_adapter_weights()
 
     # ------------------------------------------------------------------ construction
-    def _apply_window_attention(
-        self, window_attn: Sequence[bool] | None, window_size: Sequence[int | None] | int | None
-    ) -> None:
-        depth = len(self.vit.blocks)
-        if window_attn is None:
-            return
-        if len(window_attn) != depth:
-            raise ValueError(f"window_attn has {len(window_attn)} entries for a ViT of depth {depth}")
-        sizes = [window_size] * depth if window_size is None or isinstance(window_size, int) else list(window_size)
-        if len(sizes) != depth:
-            raise ValueError(f"window_size has {len(sizes)} entries for a ViT of depth {depth}")
-        for blk, on, ws in zip(self.vit.blocks, window_attn, sizes, strict=True):
-            if on:
-                if not ws:
-                    raise ValueError("window_attn is on for a block but its window_size is not set")
-                blk.attn = WindowedAttention(blk.attn, int(ws))
-
     def init_adapter_weights(self) -> None:
         """The official initialisation of the adapter; the ViT part is left as it is."""
 
@@ -432,16 +395,6 @@ class ViTAdapter(nn.Module):
         nn.init.normal_(self.level_embed)
 
     # ------------------------------------------------------------------ forward
-    def _pos_embed(self, hw: tuple[int, int]) -> Tensor:
-        """The pretraining pos-embed grid (cls slot dropped) resized bicubically to the token grid."""
-        pos = self.vit.pos_embed
-        n_prefix = 0 if getattr(self.vit, "no_embed_class", False) else self.vit.num_prefix_tokens
-        pos = pos[:, n_prefix:]
-        side = math.isqrt(pos.shape[1])
-        pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False)
-        return pos.flatten(2).transpose(1, 2)
-
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, 3, h, w), h and w multiples of 32. Returns [f1, f2, f3, f4] at strides 4, 8, 16, 32."""
         b, _, h, w = x.shape
@@ -450,7 +403,7 @@ class ViTAdapter(nn.Module):
                 f"ViTAdapter input height and width must be multiples of 32, got {h}x{w} "
                 "(pad the image; the segmentor and detector do)"
             )
-        hw = (h // 16, w // 16)
+        tokens, prefix, hw = self.trunk.embed(x)
         c_shapes = [(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)]
         ref1 = reference_points([hw], x.device)
         ref2 = reference_points(c_shapes, x.device)
@@ -459,21 +412,10 @@ class ViTAdapter(nn.Module):
         c1, c2, c3, c4 = self.spm(x)
         c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], dim=1)
 
-        tokens = self.vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # B, HW, D
-        tokens = self.vit.patch_embed.norm(tokens)
-        tokens = self.vit.pos_drop(tokens + self._pos_embed(hw))
-
         outs = []
         for layer, (first, last) in zip(self.interactions, self.interaction_indexes, strict=True):
-            tokens, c = layer(
-                tokens,
-                c,
-                self.vit.blocks[first : last + 1],
-                deform_inputs,
-                hw,
-                c_shapes,
-                checkpoint_blocks=self.with_cp,
-            )
+            run_vit = partial(self.trunk.run_blocks, first=first, last=last, hw=hw, checkpoint=self.with_cp)
+            tokens, c, prefix = layer(tokens, c, prefix, run_vit, deform_inputs, c_shapes)
             outs.append(tokens)
 
         # token sets back to maps, as channels-last views (B, h, w, D -> B, D, h, w) without copies
