@@ -17,6 +17,7 @@ class _Maps(torch.nn.Module):
     def __init__(self, maps):
         super().__init__()
         self.maps = maps
+        self.feature_info = [{"num_chs": m.shape[1], "reduction": s} for m, s in zip(maps, (4, 8, 16, 32), strict=True)]
 
     def forward(self, x):
         return self.maps
@@ -33,13 +34,15 @@ def model(fx):
     cin = cfg["neck"]["in_channels"][0]
     c = cfg["neck"]["out_channels"]
     net = AdapterMaskRCNN(
-        DetBackbone(_Maps(fx["inputs"]), [cin] * 4, c),
+        DetBackbone(_Maps(fx["inputs"]), c),
         fx["meta"]["num_classes"],
         image_mean=(0.0, 0.0, 0.0),
         image_std=(1.0, 1.0, 1.0),
         representation_size=cfg["roi_head"]["bbox_head"]["fc_out_channels"],
         mask_channels=cfg["roi_head"]["mask_head"]["conv_out_channels"],
     )
+    assert [b[0].in_channels for b in net.backbone.fpn.inner_blocks] == [cin] * 4  # read off feature_info
+    assert net.backbone.strides == (4, 8, 16, 32, 64)
     converted, left = convert_mmdet_heads(fx["state_dict"])
     assert left == []
     missing, unexpected = net.load_state_dict(converted, strict=False)
@@ -144,7 +147,7 @@ def test_paste_reproduces_mmdet_binary_masks_exactly(fx):
 def test_training_losses_and_backward(fx):
     torch.manual_seed(0)
     maps = [torch.randn(1, 16, 64 // s, 80 // s, requires_grad=True) for s in (1, 2, 4, 8)]
-    net = AdapterMaskRCNN(DetBackbone(_Maps(maps), [16] * 4, 32), 3, representation_size=64, mask_channels=16)
+    net = AdapterMaskRCNN(DetBackbone(_Maps(maps), 32), 3, representation_size=64, mask_channels=16)
     net.train()
     masks = torch.zeros(2, 256, 320, dtype=torch.uint8)
     masks[0, 20:100, 30:150] = 1

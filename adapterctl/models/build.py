@@ -71,9 +71,8 @@ def build_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mod
 
     body = backbone if backbone is not None else build_backbone(cfg.model)
     head = cfg.head
-    channels = [f["num_chs"] for f in body.feature_info]
     return AdapterMaskRCNN(
-        DetBackbone(body, channels, int(head.fpn_channels)),
+        DetBackbone(body, int(head.fpn_channels)),
         int(head.num_classes),
         image_mean=list(cfg.data.mean),
         image_std=list(cfg.data.std),

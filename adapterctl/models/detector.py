@@ -15,25 +15,24 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
 
-FPN_STRIDES = (4, 8, 16, 32, 64)
 _CPU = torch.device("cpu")
 
 
@@ -44,7 +43,7 @@ class MMAnchorGenerator(AnchorGenerator):
         self,
         sizes: Sequence[Sequence[int]],
         aspect_ratios: Sequence[Sequence[float]],
-        strides: Sequence[int] = FPN_STRIDES,
+        strides: Sequence[int] = (4, 8, 16, 32, 64),
     ) -> None:
         super().__init__(tuple(tuple(s) for s in sizes), tuple(tuple(a) for a in aspect_ratios))
         self.strides = [int(s) for s in strides]
@@ -101,7 +100,11 @@ class MMBoxCoder(det_utils.BoxCoder):
 
 
 class MMRPN(RegionProposalNetwork):
-    """RPN with mmdet's L1 box loss (torchvision uses smooth L1 with beta 1/9)."""
+    """RPN with mmdet's L1 box loss (torchvision uses smooth L1 with beta 1/9) and its two-sided delta clamp."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.box_coder = MMBoxCoder((1.0, 1.0, 1.0, 1.0))
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -130,7 +133,11 @@ def _mask_targets(gt_masks: Tensor, boxes: Tensor, matched: Tensor, size: int) -
 
 class MMRoIHeads(RoIHeads):
     """RoI heads whose training losses are mmdet's (L1 box loss over all sampled RoIs, binarised mask targets);
-    inference is torchvision's."""
+    inference is torchvision's, with mmdet's two-sided delta clamp."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.box_coder = MMBoxCoder(kwargs["bbox_reg_weights"])
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
@@ -213,13 +220,19 @@ class MMTransform(GeneralizedRCNNTransform):
 
 
 class DetBackbone(nn.Module):
-    """A backbone returning stride 4-32 maps, plus torchvision's FPN with the extra max-pooled P6."""
+    """A backbone with ``feature_info`` (channels and strides of its maps), plus torchvision's FPN with the extra
+    max-pooled P6. Declares ``out_channels`` and ``strides`` (the backbone's, then twice the last) for the heads."""
 
-    def __init__(self, body: nn.Module, in_channels: Sequence[int], out_channels: int = 256) -> None:
+    def __init__(self, body: nn.Module, out_channels: int = 256) -> None:
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=LastLevelMaxPool())
+        info = body.feature_info
+        self.fpn = FeaturePyramidNetwork(
+            [int(f["num_chs"]) for f in info], out_channels, extra_blocks=LastLevelMaxPool()
+        )
         self.out_channels = out_channels
+        reductions = [int(f["reduction"]) for f in info]
+        self.strides = (*reductions, 2 * reductions[-1])
         for m in self.fpn.modules():  # mmdet's FPN init: xavier-uniform convs, zero bias
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
@@ -229,22 +242,23 @@ class DetBackbone(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
 
-class AdapterMaskRCNN(MaskRCNN):
-    """torchvision ``MaskRCNN`` with the mmdet 2.22 settings of the ViT-Adapter COCO configs.
+class AdapterMaskRCNN(GeneralizedRCNN):
+    """Mask R-CNN with the mmdet 2.22 settings of the ViT-Adapter COCO configs, assembled once from torchvision's
+    parts (with the ``MM*`` subclasses above).
 
     Images enter unnormalised (RGB, 0-255), already resized by the data pipeline; ``forward`` takes their
     original sizes so that boxes and masks come back in original pixels. Training returns the ``loss_*`` dict,
     inference a list of ``{boxes, labels, scores, masks, mask_probs}`` (labels 1..K; 0 is the background).
 
     Args:
-        backbone: has ``out_channels`` and returns an OrderedDict ``'0'..'3', 'pool'`` (a :class:`DetBackbone`).
+        backbone: a :class:`DetBackbone` (``out_channels``, ``strides``; returns an OrderedDict ``'0'..'3', 'pool'``).
         num_classes: foreground classes K.
         representation_size: box head fc width (1024); mask_channels: mask head conv width (256).
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: DetBackbone,
         num_classes: int,
         *,
         image_mean: Sequence[float] = (123.675, 116.28, 103.53),
@@ -258,61 +272,41 @@ class AdapterMaskRCNN(MaskRCNN):
         box_detections_per_img: int = 100,
         mask_threshold: float = 0.5,
     ) -> None:
-        c = backbone.out_channels
-        names = ["0", "1", "2", "3"]
-        super().__init__(
-            backbone,
-            num_classes=None,
-            rpn_anchor_generator=MMAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5),
-            rpn_pre_nms_top_n_train=2000,
-            rpn_pre_nms_top_n_test=1000,
-            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-            rpn_post_nms_top_n_test=1000,
-            box_roi_pool=MMRoIAlign(names, 7),
+        c, strides = backbone.out_channels, backbone.strides
+        names = [str(i) for i in range(len(strides) - 1)]  # the RoI levels; the last (P6) feeds the RPN only
+        anchors = MMAnchorGenerator(
+            sizes=[(8 * s,) for s in strides], aspect_ratios=[(0.5, 1.0, 2.0)] * len(strides), strides=strides
+        )
+        rpn = MMRPN(
+            anchor_generator=anchors,
+            head=RPNHead(c, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=256,
+            positive_fraction=0.5,
+            pre_nms_top_n=dict(training=2000, testing=1000),
+            post_nms_top_n=dict(training=rpn_post_nms_top_n_train, testing=1000),
+            nms_thresh=0.7,
+            score_thresh=0.0,
+        )
+        roi_heads = MMRoIHeads(
+            box_roi_pool=MMRoIAlign(names, 7, strides[:-1]),
             box_head=TwoMLPHead(c * 7 * 7, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
-            box_score_thresh=box_score_thresh,
-            box_nms_thresh=box_nms_thresh,
-            box_detections_per_img=box_detections_per_img,
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=box_batch_size_per_image,
+            positive_fraction=0.25,
             bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
-            mask_roi_pool=MMRoIAlign(names, 14),
+            score_thresh=box_score_thresh,
+            nms_thresh=box_nms_thresh,
+            detections_per_img=box_detections_per_img,
+            mask_roi_pool=MMRoIAlign(names, 14, strides[:-1]),
             mask_head=MaskRCNNHeads(c, [mask_channels] * 4, 1),
             mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
         )
+        super().__init__(backbone, rpn, roi_heads, MMTransform(image_mean, image_std, 32, mask_threshold))
         self.num_classes = num_classes
-        rpn = self.rpn
-        self.rpn = MMRPN(
-            rpn.anchor_generator,
-            rpn.head,
-            0.7,
-            0.3,
-            256,
-            0.5,
-            dict(training=2000, testing=1000),
-            dict(training=rpn_post_nms_top_n_train, testing=1000),
-            0.7,
-            score_thresh=0.0,
-        )
-        self.rpn.box_coder = MMBoxCoder((1.0, 1.0, 1.0, 1.0))
-        roi = self.roi_heads
-        self.roi_heads = MMRoIHeads(
-            roi.box_roi_pool,
-            roi.box_head,
-            roi.box_predictor,
-            0.5,
-            0.5,
-            box_batch_size_per_image,
-            0.25,
-            (10.0, 10.0, 5.0, 5.0),
-            box_score_thresh,
-            box_nms_thresh,
-            box_detections_per_img,
-            mask_roi_pool=roi.mask_roi_pool,
-            mask_head=roi.mask_head,
-            mask_predictor=roi.mask_predictor,
-        )
-        self.roi_heads.box_coder = MMBoxCoder((10.0, 10.0, 5.0, 5.0))
-        self.transform = MMTransform(image_mean, image_std, 32, mask_threshold)
         self._init_heads()
 
     def _init_heads(self) -> None:
@@ -353,39 +347,44 @@ class AdapterMaskRCNN(MaskRCNN):
         return self.transform.postprocess(detections, image_list.image_sizes, sizes)
 
 
-def convert_mmdet_heads(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """mmdet 2.x ``neck.*``, ``rpn_head.*``, ``roi_head.*`` keys -> this model's keys (heads.md §4.3).
+def _background_first(v: Tensor) -> Tensor:  # mmdet's background class is its last row, torchvision's the first
+    return torch.cat([v[-1:], v[:-1]])
 
-    The background class moves from mmdet's last row to torchvision's first (``fc_cls``); class-specific box
-    and mask rows get a (never read) background block in front. Returns the tensors and the keys left out.
-    """
+
+def _pad_rows(n: int) -> Callable[[Tensor], Tensor]:  # a (never read) background block before class-specific rows
+    return lambda v: torch.cat([v.new_zeros((n, *v.shape[1:])), v])
+
+
+# mmdet 2.x key (regex) -> this model's key (format of the groups) and how the tensor changes (heads.md §4.3)
+MMDET_KEYS: tuple[tuple[str, str, Callable[[Tensor], Tensor] | None], ...] = (
+    (r"neck\.lateral_convs\.(\d+)\.conv\.(\w+)", "backbone.fpn.inner_blocks.{0}.0.{1}", None),
+    (r"neck\.fpn_convs\.(\d+)\.conv\.(\w+)", "backbone.fpn.layer_blocks.{0}.0.{1}", None),
+    (r"rpn_head\.rpn_conv\.(\w+)", "rpn.head.conv.0.0.{0}", None),
+    (r"rpn_head\.rpn_cls\.(\w+)", "rpn.head.cls_logits.{0}", None),
+    (r"rpn_head\.rpn_reg\.(\w+)", "rpn.head.bbox_pred.{0}", None),
+    (r"roi_head\.bbox_head\.shared_fcs\.0\.(\w+)", "roi_heads.box_head.fc6.{0}", None),
+    (r"roi_head\.bbox_head\.shared_fcs\.1\.(\w+)", "roi_heads.box_head.fc7.{0}", None),
+    (r"roi_head\.bbox_head\.fc_cls\.(\w+)", "roi_heads.box_predictor.cls_score.{0}", _background_first),
+    (r"roi_head\.bbox_head\.fc_reg\.(\w+)", "roi_heads.box_predictor.bbox_pred.{0}", _pad_rows(4)),
+    (r"roi_head\.mask_head\.convs\.(\d+)\.conv\.(\w+)", "roi_heads.mask_head.{0}.0.{1}", None),
+    (r"roi_head\.mask_head\.upsample\.(\w+)", "roi_heads.mask_predictor.conv5_mask.{0}", None),
+    (r"roi_head\.mask_head\.conv_logits\.(\w+)", "roi_heads.mask_predictor.mask_fcn_logits.{0}", _pad_rows(1)),
+)
+
+
+def convert_mmdet_heads(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """mmdet 2.x ``neck.*``, ``rpn_head.*``, ``roi_head.*`` keys -> this model's keys, by :data:`MMDET_KEYS`.
+    Returns the tensors and the keys no row matches."""
+    import re
+
+    rows = [(re.compile(pattern), target, change) for pattern, target, change in MMDET_KEYS]
     out: dict[str, Tensor] = {}
     left: list[str] = []
     for key, v in state_dict.items():
-        parts = key.split(".")
-        p = parts[-1]
-        if key.startswith("neck.lateral_convs."):
-            out[f"backbone.fpn.inner_blocks.{parts[2]}.0.{p}"] = v
-        elif key.startswith("neck.fpn_convs."):
-            out[f"backbone.fpn.layer_blocks.{parts[2]}.0.{p}"] = v
-        elif key.startswith("rpn_head.rpn_conv."):
-            out[f"rpn.head.conv.0.0.{p}"] = v
-        elif key.startswith("rpn_head.rpn_cls."):
-            out[f"rpn.head.cls_logits.{p}"] = v
-        elif key.startswith("rpn_head.rpn_reg."):
-            out[f"rpn.head.bbox_pred.{p}"] = v
-        elif key.startswith("roi_head.bbox_head.shared_fcs."):
-            out[f"roi_heads.box_head.fc{6 + int(parts[3])}.{p}"] = v
-        elif key.startswith("roi_head.bbox_head.fc_cls."):
-            out[f"roi_heads.box_predictor.cls_score.{p}"] = torch.cat([v[-1:], v[:-1]])
-        elif key.startswith("roi_head.bbox_head.fc_reg."):
-            out[f"roi_heads.box_predictor.bbox_pred.{p}"] = torch.cat([v.new_zeros((4, *v.shape[1:])), v])
-        elif key.startswith("roi_head.mask_head.convs."):
-            out[f"roi_heads.mask_head.{parts[3]}.0.{p}"] = v
-        elif key.startswith("roi_head.mask_head.upsample."):
-            out[f"roi_heads.mask_predictor.conv5_mask.{p}"] = v
-        elif key.startswith("roi_head.mask_head.conv_logits."):
-            out[f"roi_heads.mask_predictor.mask_fcn_logits.{p}"] = torch.cat([v.new_zeros((1, *v.shape[1:])), v])
+        for pattern, target, change in rows:
+            if m := pattern.fullmatch(key):
+                out[target.format(*m.groups())] = change(v) if change else v
+                break
         else:
             left.append(key)
     return out, left
