@@ -7,7 +7,7 @@ from adapterctl.config import CONFIG_DIR, compose
 
 def list_experiments() -> list[dict]:
     rows = []
-    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+    for path in sorted((CONFIG_DIR / "experiment").glob("[!_]*.yaml")):
         cfg = compose("train", [f"experiment={path.stem}"])
         paper = cfg.get("paper") or {}
         m, o, t, d = cfg.model, cfg.optim, cfg.trainer, cfg.data

@@ -109,3 +109,30 @@ def test_coco_rows_listed_with_released_hyperparameters():
         ["make", "-n", "coco_maskrcnn_vit_adapter_t_1x", "GPUS=2"], cwd=REPO, capture_output=True, text=True
     )
     assert "experiment=coco_maskrcnn_vit_adapter_t_1x" in dry.stdout
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "defaults":
+                yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def test_rows_are_differences_from_their_base():
+    """A row names its base (``_coco_maskrcnn``, ``_ade20k_upernet``...) and sets only what differs from it."""
+    import yaml
+
+    from adapterctl.config import CONFIG_DIR
+
+    folder = CONFIG_DIR / "experiment"
+    for path in sorted(folder.glob("[!_]*.yaml")):
+        row = yaml.safe_load(path.read_text())
+        bases = [d for d in row.get("defaults", []) if isinstance(d, str) and d.startswith("_")]
+        for base in bases:
+            shared = dict(_leaves(yaml.safe_load((folder / f"{base}.yaml").read_text())))
+            repeated = {k: v for k, v in _leaves(row) if k in shared and shared[k] == v}
+            assert not repeated, (path.name, base, repeated)
+        if path.stem.startswith(("coco_", "ade20k_")):
+            assert bases, f"{path.name} should build on a shared base"
