@@ -127,3 +127,54 @@ def run_bench(
     console.print(table)
     console.print("fwd+bwd GFLOP/s counts backward as 2x forward; grid_sample FLOPs are not counted.")
     return results
+
+
+def run_bench_checkpoint(
+    ckpt: str,
+    input_size: int = 512,
+    runs: int = 5,
+    warmup: int = 2,
+    threads: int = 0,
+    dtype: str = "float32",
+    overrides: list[str] | None = None,
+) -> dict[str, float]:
+    """Time a whole model from a checkpoint (``load_model_from_checkpoint``: nothing else is read): inference on one
+    ``input_size`` image (the checkpoint's test mode for segmentation) and, for segmentation, a training step's
+    forward+backward on a random label map."""
+    from rich.console import Console
+
+    from adapterctl.engine.tasks import get_task
+    from adapterctl.models.build import load_model_from_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, cfg, _ = load_model_from_checkpoint(ckpt, overrides or [])
+    task = get_task(cfg).name
+    image = torch.rand(1, 3, input_size, input_size) * 255
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+    def infer() -> None:
+        with torch.no_grad(), autocast:
+            if task == "segmentation":
+                model.predict(image)
+            else:
+                model([image[0]])
+
+    model.eval()
+    results = {"forward_s": _median_time(infer, runs, warmup)}
+    if task == "segmentation":
+        labels = torch.randint(0, int(cfg.data.num_classes), (2, input_size, input_size))
+        batch = image.repeat(2, 1, 1, 1)  # BatchNorm in training needs two images
+
+        def step() -> None:
+            with autocast:
+                loss = sum(v for k, v in model(batch, labels).items() if k.startswith("loss"))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        model.train()
+        results["train_step_forward_backward_s"] = _median_time(step, runs, warmup)
+    line = ", ".join(f"{k} {v:.3f}" for k, v in results.items())
+    Console().print(f"{ckpt} ({task}, {input_size}x{input_size}, {dtype}, median of {runs}): {line}")
+    return results

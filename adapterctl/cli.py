@@ -104,14 +104,20 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 2,
     threads: Annotated[int, typer.Option(help="torch threads (0: leave as is).")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (autocast).")] = "float32",
+    ckpt: Annotated[
+        Path | None, typer.Option(help="Time this checkpoint's whole model instead (inference; segmentation: a step).")
+    ] = None,
 ) -> None:
     """Time ViT-Adapter against its plain timm ViT in the same run: forward, forward+backward, ratio, GFLOP/s."""
-    from adapterctl.bench import run_bench
+    from adapterctl.bench import run_bench, run_bench_checkpoint
 
     if input_size % 32:
         raise _fail(f"--input must be a multiple of 32, got {input_size}")
     if dtype not in ("float32", "bfloat16"):
         raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if ckpt is not None:
+        _run_guarded(lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype))
+        return
     run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype)
 
 

@@ -43,19 +43,20 @@ def export_model(model: nn.Module, fmt: str, path: Path, input_size: Sequence[in
         raise ValueError(f"input_size must be multiples of 32, got {list(input_size)}")
     if fmt == "onnx" and opset < 16:
         raise ValueError(f"ONNX export needs opset >= 16 (GridSample), got {opset}")
+    from adapterctl.files import atomic_path
+
     wrapped = _exportable(model)
     example = torch.rand(1, 3, *map(int, input_size)) * 255
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), atomic_path(path) as tmp:
         if fmt == "onnx":
             program = torch.onnx.export(
                 wrapped, (example,), dynamo=True, opset_version=opset, input_names=["images"], output_names=["logits"]
             )
-            program.save(str(path))
+            program.save(str(tmp))
         elif fmt == "torch_export":
-            torch.export.save(torch.export.export(wrapped, (example,)), str(path))
+            torch.export.save(torch.export.export(wrapped, (example,)), str(tmp))
         else:
-            torch.jit.save(torch.jit.trace(wrapped, (example,)), str(path))
+            torch.jit.save(torch.jit.trace(wrapped, (example,)), str(tmp))
     return path
 
 

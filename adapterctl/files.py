@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +68,24 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
         raise
     return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """For writers that want a path, not a file object (ONNX, torch.export): yields a temporary path beside
+    ``path``, renamed over it when the block succeeds and removed when it fails."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
+        raise
 
 
 def write_text(path: str | Path, text: str) -> Path:

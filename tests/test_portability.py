@@ -70,6 +70,10 @@ def test_a_moved_run_evaluates_predicts_and_exports_without_its_pretrained_file(
     bad = runner.invoke(app, ["predict", str(final), str(image), "data.test.nope=1"])
     assert bad.exit_code == 2 and "data.test.nope" in bad.output
 
+    bench = runner.invoke(app, ["bench", "--ckpt", str(final), "--input", "64", "--runs", "1", "--warmup", "0"])
+    assert bench.exit_code == 0, bench.output
+    assert "forward_s" in bench.output and "train_step_forward_backward_s" in bench.output
+
     export = runner.invoke(
         app, ["export", f"ckpt={final}", "format=torch_export", "input_size=[64,64]", f"paths.output_dir={tmp_path}"]
     )
