@@ -148,7 +148,7 @@ def _run_guarded(fn, *args):
             raise
         message = f"{exc.filename}: {os_reason(exc)}" if exc.filename else _last_line(exc)
         raise _fail(message + hint, code=1) from None
-    except (FileNotFoundError, ValueError) as exc:
+    except ValueError as exc:  # a library's own check on a value the config passed through
         if debug:
             raise
         raise _fail(_last_line(exc) + hint, code=1) from None

@@ -53,15 +53,23 @@ class Preempted(AdapterctlError):
         super().__init__(f"preempted at iteration {step}; {where}; continue with resume=true")
 
 
-def os_reason(exc: BaseException) -> str:
-    """The operating system's words for a failed write, found in the exception or what it wraps
-    (torch.save reports a full disk as a RuntimeError raised while handling the OSError)."""
-    chain: list[BaseException] = []
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The operating system's error in ``exc`` or what it wraps (torch.save reports a full disk as a RuntimeError
+    raised while handling the OSError); None when there is none."""
+    seen: list[BaseException] = []
     cur: BaseException | None = exc
-    while cur is not None and not any(cur is c for c in chain):  # exception chains can loop
-        chain.append(cur)
-        if isinstance(cur, OSError) and cur.strerror:
-            return cur.strerror
+    while cur is not None and not any(cur is c for c in seen):  # exception chains can loop
+        if isinstance(cur, OSError):
+            return cur
+        seen.append(cur)
         cur = cur.__cause__ or cur.__context__
-    text = str(exc).strip()
+    return None
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's words for a failed read or write, else the exception's first line."""
+    found = os_error_in(exc)
+    if found is not None and found.strerror:
+        return found.strerror
+    text = str(found if found is not None else exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from adapterctl.errors import CheckpointError, OutputError, os_reason
+from adapterctl.errors import CheckpointError, OutputError, os_error_in, os_reason
 
 _TMP_SUFFIX = ".tmp"
 
@@ -64,7 +64,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception):
+        if os_error_in(exc) is not None:
             raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
         raise
     return path
@@ -79,13 +79,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     try:
         yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception):
+        if os_error_in(exc) is not None:
             raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
         raise
+
+
+def save_image(image, path: str | Path) -> Path:
+    """Atomically save a PIL image (JPEG for .jpg/.jpeg, at quality 92; else PNG)."""
+    fmt = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    return atomic_write(path, lambda f: image.save(f, format=fmt, **({"quality": 92} if fmt == "JPEG" else {})))
 
 
 def write_text(path: str | Path, text: str) -> Path:

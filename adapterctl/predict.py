@@ -10,6 +10,7 @@ import torch
 
 from adapterctl.data.images import IMAGE_SUFFIXES, load_image
 from adapterctl.errors import ConfigError, DataError
+from adapterctl.files import save_image
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -41,7 +42,7 @@ def run_predict(
     mode: str | None = None,
     device: str = "auto",
     alpha: float = 0.5,
-    score_thr: float = 0.3,
+    score_thr: float = 0.5,
     amp: str | None = None,
     overrides: Sequence[str] = (),
 ) -> list[Path]:
@@ -53,7 +54,7 @@ def run_predict(
     ``amp``: None runs in the precision the checkpoint was trained in. ``overrides``: ``key=value`` merged into the
     checkpoint's config (e.g. ``data.test.scale=[1024,256]``), as ``eval`` and ``export`` take them."""
     from adapterctl.engine.distributed import resolve_device
-    from adapterctl.engine.precision import autocast_context, checkpoint_precision, resolve_amp
+    from adapterctl.engine.precision import autocast_context, checkpoint_precision, resolve_amp, runnable_precision
     from adapterctl.engine.tasks import get_task
     from adapterctl.files import ensure_dir
     from adapterctl.models.build import load_model_from_checkpoint
@@ -63,7 +64,14 @@ def run_predict(
     model, cfg, _ = load_model_from_checkpoint(ckpt, overrides)
     task = get_task(cfg)
     dev = resolve_device(device)
-    precision = resolve_amp(amp or checkpoint_precision(cfg), dev)
+    if amp:
+        precision = resolve_amp(amp, dev)
+    else:
+        precision, note = runnable_precision(checkpoint_precision(cfg), dev)
+        if note:
+            from rich.console import Console
+
+            Console(stderr=True, highlight=False).print(f"note: {note}")
     images = collect_images(inputs)
     model.to(dev).eval()
     out_dir = ensure_dir(out_dir)
@@ -91,19 +99,12 @@ def predict_segmentation(
         pred = scores.argmax(1)[0].cpu().numpy()
         label = Image.fromarray(to_annotation_values(pred, bool(offset)), mode="P")
         label.putpalette(png_palette)
-        _save(label, out_dir / f"{path.stem}.png")
+        save_image(label, out_dir / f"{path.stem}.png")
         rgb = img.permute(1, 2, 0).numpy()
         overlay = (1 - alpha) * rgb + alpha * colours[pred].astype(np.float32)
-        _save(Image.fromarray(overlay.clip(0, 255).astype(np.uint8)), out_dir / f"{path.stem}_overlay.jpg")
+        save_image(Image.fromarray(overlay.clip(0, 255).astype(np.uint8)), out_dir / f"{path.stem}_overlay.jpg")
         written.append(out_dir / f"{path.stem}.png")
     return written
-
-
-def _save(image, path: Path) -> None:
-    from adapterctl.files import atomic_write
-
-    fmt = "JPEG" if path.suffix == ".jpg" else "PNG"
-    atomic_write(path, lambda f: image.save(f, format=fmt, **({"quality": 92} if fmt == "JPEG" else {})))
 
 
 def _categories(cfg) -> tuple[list[str], list[int]]:
@@ -168,7 +169,7 @@ def predict_detection(
                     "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
                 }
             )
-        _save(overlay, out_dir / f"{path.stem}_overlay.jpg")
+        save_image(overlay, out_dir / f"{path.stem}_overlay.jpg")
         write_text(
             out_dir / f"{path.stem}.json",
             json.dumps({"image": str(path), "size": [h, w], "detections": rows}, indent=1),

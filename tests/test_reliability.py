@@ -336,3 +336,85 @@ def test_the_fault_script_ends_every_scenario_as_it_should():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "scenarios ended as they should" in proc.stdout
+
+
+# --- review follow-ups -------------------------------------------------------------------------------------------
+
+
+def test_precision_uses_no_timing(monkeypatch):
+    import time as _time
+
+    from adapterctl.engine import precision
+
+    def no_clock():
+        raise AssertionError("precision must not be decided by timing")
+
+    monkeypatch.setattr(_time, "perf_counter", no_clock)
+    monkeypatch.setattr(_time, "time", no_clock)
+    precision._cpu_flags.cache_clear()
+    assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "none")
+
+
+def test_an_fp16_checkpoint_evaluates_on_a_cpu_with_a_note(synth_seg, tmp_path):
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=1)))
+    state = ckpt.load_checkpoint(out / FINAL)
+    state["config"]["trainer"]["amp"] = "fp16"  # as a GPU run of the ADE20K rows records it
+    gpu_made = tmp_path / "gpu_run.pt"
+    ckpt.save_checkpoint(state, gpu_made)
+    result = runner.invoke(app, ["eval", f"ckpt={gpu_made}", f"paths.output_dir={tmp_path / 'ev'}"])
+    assert result.exit_code == 0, result.output
+    assert "trained in fp16, which needs CUDA" in result.output.replace("\n", " ")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["precision"] in ("bf16", "none")
+
+
+def test_checkpoints_that_cannot_be_resumed_or_do_not_fit_are_named(synth_seg, tmp_path):
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=1)))
+    state = ckpt.load_checkpoint(out / FINAL)
+    weights_only = tmp_path / "weights_only.pt"
+    ckpt.save_checkpoint({"model": state["model"], "config": state["config"], "step": None}, weights_only)
+    result = runner.invoke(app, ["train", *tiny_train_overrides(synth_seg, tmp_path / "r2"), f"resume={weights_only}"])
+    assert result.exit_code == 1 and "not a training checkpoint" in result.output.replace("\n", " ")
+    result = runner.invoke(app, ["eval", f"ckpt={out / FINAL}", "head.decode.channels=32"])
+    text = result.output.replace("\n", " ")
+    assert result.exit_code == 1 and "weights do not fit" in text and "Traceback" not in result.output
+
+
+def test_a_cut_log_line_and_an_attempt_without_checkpoints_do_not_block_a_run(synth_seg, tmp_path):
+    out = tmp_path / "run"
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=2)))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "train/lo')  # a kill mid-write
+    (out / ".config.yaml.x1y2.tmp").write_text("half")
+    run_train(compose("train", tiny_train_overrides(synth_seg, out, max_iters=3) + ["resume=true"]))
+    assert _train_steps(out) == [1, 2, 3] and not (out / ".config.yaml.x1y2.tmp").exists()
+
+    failed = tmp_path / "failed"  # an earlier attempt stopped before its first checkpoint
+    failed.mkdir()
+    (failed / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n')
+    run_train(compose("train", tiny_train_overrides(synth_seg, failed, max_iters=1)))
+    assert _train_steps(failed) == [1] and len(list(failed.glob("metrics.jsonl.previous-*"))) == 1
+
+
+def test_a_write_failure_on_rank_0_alone_ends_a_torchrun_job(synth_seg, tmp_path):
+    """Only rank 0 writes: when it fails, it must not wait in a barrier the other ranks never reach."""
+    from .conftest import torchrun_train
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    started = time.monotonic()
+    proc = torchrun_train(tiny_train_overrides(synth_seg, blocker / "run", max_iters=50, batch_size=2))
+    assert proc.returncode != 0 and time.monotonic() - started < 300
+    assert "cannot create folder" in proc.stdout + proc.stderr
+
+
+def test_the_trunk_refuses_vits_it_would_run_differently():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from adapterctl.models.trunks import trunk_for
+
+    with pytest.raises(ValueError, match="register tokens"):
+        trunk_for(VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, reg_tokens=4))
+    with pytest.raises(ValueError, match="norm_pre"):
+        trunk_for(VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, pre_norm=True))

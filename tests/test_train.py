@@ -49,7 +49,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_same_loss_curve(synth_seg,
     straight = tmp_path / "straight"
     run_train(compose("train", tiny_train_overrides(synth_seg, straight, max_iters=4, checkpoint_interval=100)))
     part = tmp_path / "part"
-    # preemption: SIGTERM arrives during iteration 2; the loop finishes it, checkpoints and returns
+    # preemption: SIGTERM arrives during iteration 2; the loop finishes it, checkpoints and raises Preempted
     original_step = torch.optim.lr_scheduler.LambdaLR.step
     calls = {"n": 0}
 

@@ -52,6 +52,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint ``resume`` can continue: it holds the optimizer, scheduler and scaler state and its step."""
+    state = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "scaler") if k not in state]
+    if missing or not isinstance(state.get("step"), int):
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (no {', '.join(missing) or 'step'}): a converted or exported model "
+            "can be evaluated, not resumed"
+        )
+    return state
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(weights)`` with one line naming the file and the first keys that do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its config (with the overrides given) describes: {detail[:400]}"
+        ) from None
+
+
 def non_finite_tensors(*states: Any) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf in nested dicts/lists of tensors
     (a model's state dict, an optimizer's)."""

@@ -36,7 +36,7 @@ def run_eval(overrides: Sequence[str]) -> dict:
     from adapterctl.config_schema import check_config
     from adapterctl.engine.distributed import barrier, cleanup, init_distributed
     from adapterctl.engine.evaluators import write_metrics
-    from adapterctl.engine.precision import checkpoint_precision, resolve_amp
+    from adapterctl.engine.precision import checkpoint_precision, resolve_amp, runnable_precision
     from adapterctl.engine.tasks import get_task
 
     ecfg, model, mcfg, state = eval_config(overrides)
@@ -53,7 +53,12 @@ def run_eval(overrides: Sequence[str]) -> dict:
         model.to(dist.device)
         dataset = task.dataset(train=False)
         # the checkpoint's precision unless trainer.amp says otherwise: a run is evaluated as it was trained
-        amp = resolve_amp(ecfg.trainer.amp or checkpoint_precision(mcfg), dist.device)
+        if ecfg.trainer.amp:
+            amp = resolve_amp(str(ecfg.trainer.amp), dist.device)
+        else:
+            amp, note = runnable_precision(checkpoint_precision(mcfg), dist.device)
+            if note and dist.is_main:
+                Console(highlight=False).print(f"note: {note}")
         metrics = task.evaluate(
             model,
             dataset,

@@ -84,6 +84,7 @@ def evaluate_segmentation(
     from PIL import Image
 
     from adapterctl.data.loader import to_annotation_values
+    from adapterctl.files import save_image
 
     was_training = model.training
     model.eval()
@@ -96,9 +97,8 @@ def evaluate_segmentation(
             pred = scores.argmax(1)[0]
             evaluator.update(pred, sample["label"].to(device))
             if predictions_dir is not None:
-                predictions_dir.mkdir(parents=True, exist_ok=True)
                 png = to_annotation_values(pred.cpu().numpy(), reduce_zero_label)
-                Image.fromarray(png, mode="L").save(predictions_dir / f"{Path(sample['path']).stem}.png")
+                save_image(Image.fromarray(png, mode="L"), predictions_dir / f"{Path(sample['path']).stem}.png")
     model.train(was_training)
     return evaluator.compute()
 

@@ -70,6 +70,15 @@ def checkpoint_precision(config: dict) -> str:
     return amp if amp in ("bf16", "fp16", "none") else "none"
 
 
+def runnable_precision(amp: str, device: torch.device) -> tuple[str, str | None]:
+    """A checkpoint's precision where this device can run it; else this device's ``auto`` choice and a note
+    saying so (an fp16 run, trained on GPUs, evaluated or resumed on a CPU)."""
+    if amp == "fp16" and device.type != "cuda":
+        chosen = resolve_amp("auto", device)
+        return chosen, f"the checkpoint was trained in fp16, which needs CUDA; using {chosen} here"
+    return resolve_amp(amp, device), None
+
+
 def autocast_context(device: torch.device, amp: str):
     if amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

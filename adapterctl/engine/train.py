@@ -28,7 +28,7 @@ from adapterctl.engine.distributed import (
     init_distributed,
 )
 from adapterctl.engine.precision import autocast_context, resolve_amp
-from adapterctl.errors import OutputError, Preempted, TrainingError, os_reason
+from adapterctl.errors import CheckpointError, OutputError, Preempted, TrainingError, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_train(cfg: DictConfig) -> dict:
     from adapterctl.data.loader import train_loader
     from adapterctl.engine.evaluators import write_metrics
     from adapterctl.engine.optim import build_optimizer, build_scheduler
-    from adapterctl.engine.precision import checkpoint_precision
+    from adapterctl.engine.precision import checkpoint_precision, runnable_precision
     from adapterctl.engine.tasks import get_task, headline
     from adapterctl.files import clean_partial_writes, ensure_dir
     from adapterctl.models.build import build_model
@@ -101,14 +101,20 @@ def run_train(cfg: DictConfig) -> dict:
     console = Console(stderr=False, highlight=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_dir = out_dir / "checkpoints"
+    finished = False
     try:
         resume_from = _resume_path(cfg, out_dir)
         if resume_from is None:
             _refuse_existing_run(out_dir)
-        state = ckpt.load_checkpoint(resume_from) if resume_from is not None else None
+        state = ckpt.load_training_checkpoint(resume_from) if resume_from is not None else None
         # the precision is decided once, from the hardware (or, resuming, the checkpoint), by rank 0 for all
-        amp = checkpoint_precision(state["config"]) if state is not None and t.amp == "auto" else str(t.amp)
-        amp = broadcast_object(resolve_amp(amp, dist.device), dist)
+        if state is not None and t.amp == "auto":  # resuming: the precision the run trained in, where it can run
+            amp, note = runnable_precision(checkpoint_precision(state["config"]), dist.device)
+            if note and dist.is_main:
+                console.print(f"note: {note}")
+        else:
+            amp = resolve_amp(str(t.amp), dist.device)
+        amp = broadcast_object(amp, dist)
         t.amp = amp  # recorded in config.yaml and every checkpoint
         task_impl.check(dist)
         torch.manual_seed(int(cfg.seed) + dist.rank)
@@ -130,10 +136,13 @@ def run_train(cfg: DictConfig) -> dict:
         scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         start = 0
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            ckpt.load_weights(model, state["model"], resume_from)
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"{resume_from}: its optimizer state does not fit this run ({exc})") from None
             start = int(state["step"])
 
         ddp = (
@@ -162,6 +171,11 @@ def run_train(cfg: DictConfig) -> dict:
             ensure_dir(ckpt_dir)
             for partial in clean_partial_writes(ckpt_dir):
                 console.print(f"removed a partial checkpoint write: {partial.name}")
+            for partial in clean_partial_writes(out_dir):
+                console.print(f"removed a partial write: {partial.name}")
+            if resume_from is None:
+                for kept in _set_aside_previous_attempt(out_dir):
+                    console.print(f"an earlier attempt without checkpoints left {kept.name} (kept)")
             save_config(cfg, out_dir)
             if resume_from is not None:
                 console.print(f"resumed from {resume_from} at iteration {start}")
@@ -286,36 +300,54 @@ def run_train(cfg: DictConfig) -> dict:
             if skipped:
                 console.print(f"[yellow]skipped {len(skipped)} bad sample(s)[/], e.g. {sorted(skipped)[0]}")
             console.print(f"run directory: {out_dir}")
+        finished = True
         return metrics
     finally:
         for handle in (locals().get("jsonl"), locals().get("writer")):
             if handle is not None:
                 handle.close()
-        barrier()
+        if finished:  # a rank leaving on an error must not wait for the others: torchrun stops them when it exits
+            barrier()
         cleanup()
 
 
 def _refuse_existing_run(out_dir: Path) -> None:
-    """A new run never writes into another run's directory (it would prune that run's checkpoints and mix
-    both runs' metrics)."""
-    held = [name for name in ("metrics.jsonl", "metrics.json") if (out_dir / name).exists()]
+    """A new run never writes into another run's directory (it would prune that run's checkpoints and mix both
+    runs' metrics). A directory whose earlier attempt wrote no checkpoint (it failed at start) is reused, its
+    metrics files kept beside under a ``.previous-<time>`` suffix."""
     if ckpt.list_checkpoints(out_dir / "checkpoints"):
-        held.insert(0, "checkpoints")
-    if held:
         raise TrainingError(
-            f"{out_dir} already holds a run ({', '.join(held)}); continue it with resume=true, or give another "
+            f"{out_dir} already holds a run (checkpoints); continue it with resume=true, or give another "
             "paths.output_dir (or leave it null for a new timestamped one)"
         )
 
 
+def _set_aside_previous_attempt(out_dir: Path) -> list[Path]:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in ("metrics.jsonl", "metrics.json"):
+        path = out_dir / name
+        if path.is_file():
+            moved.append(path.rename(path.with_name(f"{name}.previous-{stamp}")))
+    return moved
+
+
 def _drop_rows_after(path: Path, step: int) -> None:
-    """Resuming from ``step``: the rows the interrupted run logged after its checkpoint are logged again."""
+    """Resuming from ``step``: the rows the interrupted run logged after its checkpoint are logged again. A line a
+    kill cut short (not JSON) is dropped too."""
     if not path.is_file():
         return
     from adapterctl.files import write_text
 
-    lines = path.read_text().splitlines()
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
     if len(kept) != len(lines):
         write_text(path, "".join(ln + "\n" for ln in kept))
 

@@ -40,14 +40,14 @@ def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mo
     norm = _resolve_norm(head.get("norm_layer", "batchnorm"))
     dec: dict[str, Any] = OmegaConf.to_container(head.decode, resolve=True)
     if dec.pop("name") != "upernet":
-        raise ValueError(f"head.decode.name: only 'upernet' is available, got {head.decode.name!r}")
+        raise ConfigError(f"head.decode.name: only 'upernet' is available, got {head.decode.name!r}")
     common = dict(num_classes=head.num_classes, norm_layer=norm, ignore_index=head.ignore_index)
     decode = UPerHead(in_channels=[channels[i] for i in dec["in_index"]], **common, **dec)
     aux_head = None
     if head.get("auxiliary") is not None:
         aux: dict[str, Any] = OmegaConf.to_container(head.auxiliary, resolve=True)
         if aux.pop("name") != "fcn":
-            raise ValueError(f"head.auxiliary.name: only 'fcn' is available, got {head.auxiliary.name!r}")
+            raise ConfigError(f"head.auxiliary.name: only 'fcn' is available, got {head.auxiliary.name!r}")
         aux_head = FCNHead(in_channels=channels[aux["in_index"]], **common, **aux)
     test = cfg.data.test
     return EncoderDecoder(
@@ -112,8 +112,6 @@ def checkpoint_config(state: dict, overrides: Sequence[str] = ()) -> DictConfig:
     keeps its interpolations, so ``data.root=/elsewhere`` (or ``$ADAPTERCTL_DATASETS``) moves every path under it."""
     import yaml
 
-    from adapterctl.errors import ConfigError
-
     cfg = OmegaConf.create(state["config"])
     OmegaConf.set_struct(cfg, True)
     for ov in overrides:
@@ -134,10 +132,10 @@ def checkpoint_config(state: dict, overrides: Sequence[str] = ()) -> DictConfig:
 def load_model_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[nn.Module, DictConfig, dict]:
     """``(model, config, state)`` from a training checkpoint or a converted ``.safetensors``, and nothing else: no
     pretrained file, no dataset. The one loader of ``eval``, ``export`` and ``predict``."""
-    from adapterctl.engine.checkpoint import load_checkpoint
+    from adapterctl.engine.checkpoint import load_checkpoint, load_weights
 
     state = load_checkpoint(path)
     cfg = checkpoint_config(state, overrides)
     model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     return model, cfg, state

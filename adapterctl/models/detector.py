@@ -1,5 +1,5 @@
-"""Mask R-CNN on ViT-Adapter: torchvision's ``MaskRCNN``, configured and subclassed to compute what mmdet 2.22
-computed in the official experiments (heads.md §3-5).
+"""Mask R-CNN on ViT-Adapter, assembled from torchvision's parts (``GeneralizedRCNN``, RPN, RoI heads, FPN) with
+the subclasses below, to compute what mmdet 2.22 computed in the official experiments (heads.md §3-5).
 
 What differs from torchvision's defaults, and where it is fixed here:
 - anchors: no rounding of the base anchors, fixed strides 4..64 (P6 at 64)          -> ``MMAnchorGenerator``

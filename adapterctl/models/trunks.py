@@ -90,6 +90,17 @@ class TimmViTTrunk:
                 "timm.create_model(name, patch_size=16, img_size=...) with weights loaded through "
                 "adapterctl.models.pretrained.load_vit_weights, which resamples the kernel."
             )
+        unlike = [
+            what
+            for what, found in (
+                ("register tokens", getattr(vit, "num_reg_tokens", 0)),
+                ("a pre-norm (norm_pre)", not isinstance(getattr(vit, "norm_pre", nn.Identity()), nn.Identity)),
+                ("no position embedding", getattr(vit, "pos_embed", None) is None),
+            )
+            if found
+        ]
+        if unlike:  # each would run differently from the official computation and from its own pretraining
+            raise ValueError(f"this trunk drives DeiT/AugReg-style ViTs; the given one has {', '.join(unlike)}")
         self.vit = vit
         self.embed_dim = int(vit.embed_dim)
         self.depth = len(vit.blocks)

@@ -1,8 +1,6 @@
-"""Model entry points: ``vit_adapter_{t,s,b,l}`` around one builder, with the released hyperparameters.
-
-The values are those of the official ADE20K UperNet configs (architecture.md §2.13, configs-and-results.md
-§3.1); ``task="detection"`` switches to the detection copy's window attention and ViT-feature form (§2.10).
-"""
+"""Model entry points ``vit_adapter_{t,s,b,l}`` around one builder (``build_vit_adapter``), with the released
+hyperparameters of ``variants.py``; ``task="detection"`` gives the detection copy (window attention, the final
+ViT map; ``model.layout=detection`` in configs)."""
 
 from __future__ import annotations
 
