@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adapterctl.errors import ConfigError
+from adapterctl.models.beit_adapter import build_from_config as build_beit_from_config
 from adapterctl.models.zoo import _resolve_norm, build_from_config
 from adapterctl.registry import HeadEntry, Registry
 
@@ -89,6 +90,7 @@ def build_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mod
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone family", "model.family")
 BACKBONES.register("vit_adapter", build_from_config)
+BACKBONES.register("beit_adapter", build_beit_from_config)
 
 HEADS: Registry[HeadEntry] = Registry("head", "head.name")
 HEADS.register("upernet", HeadEntry(build_segmentor, tasks=("segmentation",)))

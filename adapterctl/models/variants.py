@@ -100,6 +100,44 @@ def model_kwargs(size: str | None = None, layout: str = "segmentation", **given:
     return {**derived, **kwargs}
 
 
+# BEiT-Adapter sizes (configs-and-results.md §3.2): BEiT-L as the official ADE20K / COCO-Stuff rows build it
+BEIT_VARIANTS: dict[str, dict[str, Any]] = {
+    "l": dict(
+        img_size=640,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        init_values=1e-6,
+        drop_path_rate=0.3,
+        use_shared_rel_pos_bias=False,
+        interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
+        conv_inplane=64,
+        n_points=4,
+        deform_num_heads=16,
+        deform_ratio=0.5,
+        with_cffn=True,
+        cffn_ratio=0.25,
+        add_vit_feature=True,
+        use_extra_extractor=True,
+        with_cp=True,
+    ),
+}
+
+
+def beit_model_kwargs(size: str | None = None, layout: str = "segmentation", **given: Any) -> dict[str, Any]:
+    """``build_beit_adapter`` arguments: a BEiT size's values, then every given key that is not null. BEiT-Adapter
+    has the segmentation layout only (the official detection rows use the ViT copy's windows on ViT)."""
+    if size is not None and size not in BEIT_VARIANTS:
+        raise ValueError(f"unknown BEiT-Adapter size {size!r}; choose one of {sorted(BEIT_VARIANTS)}")
+    if layout != "segmentation":
+        raise ValueError(f"BEiT-Adapter has the segmentation layout only, got {layout!r}")
+    kwargs = copy.deepcopy(BEIT_VARIANTS[size]) if size is not None else {}
+    kwargs.update({k: v for k, v in given.items() if v is not None})
+    return kwargs
+
+
 #: backbone family -> how a config with a ``size`` key expands into constructor arguments (``config.compose``
 #: writes the expansion into the composed config, so runs and checkpoints hold every value explicitly)
-SIZE_TABLES: dict[str, Callable[..., dict[str, Any]]] = {"vit_adapter": model_kwargs}
+SIZE_TABLES: dict[str, Callable[..., dict[str, Any]]] = {"vit_adapter": model_kwargs, "beit_adapter": beit_model_kwargs}
