@@ -117,4 +117,4 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[LoadReport]:
     adapters = [m for m in model.modules() if isinstance(m, ViTAdapter)]
     if not adapters:
         raise CheckpointError(f"model.pretrained={path}: this model holds no ViT-Adapter to load it into")
-    return [load_vit_weights(a.vit, path) for a in adapters]
+    return [a.trunk.load_pretrained(path) for a in adapters]  # each ViT family reads its own layouts

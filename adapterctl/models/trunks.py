@@ -9,6 +9,7 @@ The adapter sees a trunk only through this protocol, never through a block's pri
   (inclusive), each given what it needs (the grid for windowed attention; a relative-position bias or RoPE in
   other families).
 - ``apply_window_attention(window_attn, window_size)``: per-block windows, refusing what it cannot window.
+- ``load_pretrained(path) -> LoadReport``: the family's own weight files (and their layouts) from a local path.
 - ``embed_dim``, ``depth``, ``patch_size``.
 
 A new family (timm ``Beit``, ``Eva``) is one more implementation and a :func:`register_trunk` line.
@@ -42,6 +43,8 @@ class Trunk(Protocol):
     def apply_window_attention(
         self, window_attn: Sequence[bool] | None, window_size: Sequence[int | None] | int | None
     ) -> None: ...
+
+    def load_pretrained(self, path) -> object: ...
 
 
 _TRUNKS: list[tuple[type, Callable[[nn.Module], Trunk]]] = []
@@ -146,6 +149,12 @@ class TimmViTTrunk:
                 if not ws:
                     raise ValueError("window_attn is on for a block but its window_size is not set")
                 block.attn = WindowedAttention(block.attn, int(ws))
+
+    def load_pretrained(self, path):
+        """timm-format ViT files (DeiT, AugReg .pth / .npz, safetensors): ``load_vit_weights``."""
+        from adapterctl.models.pretrained import load_vit_weights
+
+        return load_vit_weights(self.vit, path)
 
 
 def _run_block(block: nn.Module, x: Tensor, hw: tuple[int, int]) -> Tensor:

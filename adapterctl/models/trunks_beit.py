@@ -59,6 +59,12 @@ class TimmBeitTrunk:
             x = checkpointed(partial(block, shared_rel_pos_bias=shared), x, enabled=checkpoint)
         return x[:, n:], x[:, :n]
 
+    def load_pretrained(self, path):
+        """BEiT / BEiTv2 files, their tables resized to this window (``beit_pretrained.load_beit_weights``)."""
+        from adapterctl.models.beit_pretrained import load_beit_weights
+
+        return load_beit_weights(self.vit, path)
+
     def apply_window_attention(
         self, window_attn: Sequence[bool] | None, window_size: Sequence[int | None] | int | None
     ) -> None:
