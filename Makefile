@@ -14,7 +14,8 @@ TORCHRUN := $(VENV)/bin/torchrun --nnodes $(NNODES) --nproc_per_node $(GPUS)
 DEMO_DATA ?= datasets/synthetic_seg
 DEMO_DET_DATA ?= datasets/synthetic_det
 ADE20K_ROWS := ade20k_upernet_vit_adapter_t ade20k_upernet_vit_adapter_s ade20k_upernet_vit_adapter_b \
-	ade20k_upernet_vit_adapter_t_augreg ade20k_upernet_vit_adapter_b_augreg ade20k_upernet_vit_adapter_l_augreg
+	ade20k_upernet_vit_adapter_t_augreg ade20k_upernet_vit_adapter_b_augreg ade20k_upernet_vit_adapter_l_augreg \
+	ade20k_upernet_beit_adapter_l_640
 COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k)))
 PAPER_ROWS := $(ADE20K_ROWS) $(COCO_ROWS)
 

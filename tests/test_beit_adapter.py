@@ -89,3 +89,49 @@ def test_beit_adapter_l_config_builds_at_the_official_size():
     with torch.device("meta"):
         model = build_model(cfg)
     assert sum(p.numel() for p in model.backbone.parameters()) == 328_756_928  # configs-and-results.md §3.2
+
+
+def test_an_official_upernet_beit_checkpoint_converts_and_runs(fx, tmp_path):
+    """A full mmseg-layout checkpoint (backbone.* of the fixture, UperNet + FCN heads) through `adapterctl convert`:
+    the converted file alone rebuilds the model, which gives the official backbone outputs."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from adapterctl.cli import app
+    from adapterctl.models.build import load_model_from_checkpoint
+    from adapterctl.models.heads import FCNHead, UPerHead
+
+    torch.manual_seed(0)
+    heads = {
+        **{f"decode_head.{k}": v for k, v in UPerHead([64] * 4, channels=16, num_classes=7).state_dict().items()},
+        **{f"auxiliary_head.{k}": v for k, v in FCNHead(64, channels=8, num_classes=7).state_dict().items()},
+    }
+    src = tmp_path / "upernet_beit_adapter_tiny_128.pth"
+    torch.save({"state_dict": {**fx["state_dict_mmseg"], **heads}, "meta": {"note": "official layout"}}, src)
+    c = fx["config"]
+    size = [
+        f"model.img_size={c['img_size']}", f"model.embed_dim={c['embed_dim']}", f"model.depth={c['depth']}",
+        f"model.num_heads={c['num_heads']}", f"model.init_values={c['init_values']}", "model.drop_path_rate=0.0",
+        "model.interaction_indexes=[[0,0],[1,1],[2,2],[3,3]]", f"model.conv_inplane={c['conv_inplane']}",
+        f"model.deform_num_heads={c['deform_num_heads']}", "model.with_cp=false",
+        "data.test.scale=[512,128]", "data.test.mode=slide", "data.test.crop_size=[128,128]",
+        "data.test.stride=[96,96]",
+    ]  # fmt: skip
+    dst = tmp_path / "beit.safetensors"
+    result = CliRunner().invoke(app, ["convert", str(src), str(dst), "--model", "beit_adapter_l", *size])
+    assert result.exit_code == 0, result.output
+    assert "keys not converted" not in result.output  # the rel-pos index buffers agree with the model's own
+    model, cfg, _ = load_model_from_checkpoint(dst)
+    assert cfg.model.family == "beit_adapter" and cfg.head.num_classes == 7
+    with torch.no_grad():
+        outs = model.eval().backbone(fx["input"])
+    for ours, want in zip(outs, fx["outputs"], strict=True):
+        torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.decode_head.conv_seg.weight, heads["decode_head.conv_seg.weight"])
+    image = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(150, 200, 3) * 255).byte().numpy()).save(image)
+    pred = CliRunner().invoke(
+        app, ["predict", str(dst), str(image), "--out", str(tmp_path / "pred"), "--device", "cpu"]
+    )
+    assert pred.exit_code == 0, pred.output  # slide windows of the model's own size
+    assert Image.open(tmp_path / "pred" / "photo.png").size == (200, 150)

@@ -87,9 +87,14 @@ def run_convert(
     full = unwrap_official(raw, prefix=None)
     has_heads = variant == "segmentation" and any(k.startswith("decode_head.") for k in full)
     det_heads = variant == "detection" and any(k.startswith(_DET_HEADS) for k in full)
-    mode = "per_interaction" if variant == "segmentation" else "final"
     head_overrides = _head_overrides(full) if has_heads else _det_head_overrides(full) if det_heads else []
-    cfg = compose("train", [f"model={model}", f"model.vit_feature_mode={mode}", *head_overrides, *overrides])
+    family = str(compose("train", [f"model={model}"]).model.family)
+    if family == "vit_adapter":  # which official copy of the class: segmentation or detection outputs
+        mode = "per_interaction" if variant == "segmentation" else "final"
+        head_overrides.insert(0, f"model.vit_feature_mode={mode}")
+    elif variant != "segmentation":
+        raise ConversionError(f"--variant {variant}: model '{model}' ({family}) converts segmentation checkpoints only")
+    cfg = compose("train", [f"model={model}", *head_overrides, *overrides])
     backbone = build_backbone(cfg.model)
     conv = convert_official_backbone(unwrap_official(raw, prefix="backbone."), backbone)
     missing = sorted(set(backbone.state_dict()) - set(conv.state_dict))

@@ -104,6 +104,11 @@ def convert_official_backbone(state_dict: Mapping[str, Tensor], model: nn.Module
     out: dict[str, Tensor] = {}
     unconverted: list[str] = []
     for key, value in state_dict.items():
+        if key.endswith("relative_position_index"):  # structural (BEiT): the model builds its own; they must agree
+            buffer = getattr(model.get_submodule("vit." + key.rsplit(".", 1)[0]), "relative_position_index", None)
+            if buffer is None or not torch.equal(buffer, value):
+                unconverted.append(key)
+            continue
         m = _GAMMA.match(key)
         if m:
             new = f"vit.blocks.{m.group(1)}.ls{m.group(2)}.gamma"
