@@ -59,6 +59,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "schedule.warmup_ratio": _float(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "schedule.power": _float(lambda v: v >= 0, "a number >= 0"),
     "schedule.gamma": _float(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "load_from": Rule("str", expected="a checkpoint path or null", nullable=True),
     "data.num_classes": POSITIVE_INT,
     "data.ignore_index": NON_NEGATIVE_INT,
     "data.on_bad_sample": _choice("error", "skip"),

@@ -338,3 +338,32 @@ def test_bad_samples_are_skipped_and_reported_through_training(synth_seg, tmp_pa
     )
     assert result.exit_code == 0, result.output
     assert "skipped 1 bad sample" in result.output and broken.name in result.output
+
+
+def test_load_from_starts_a_new_run_from_another_runs_weights(synth_seg, tmp_path):
+    from adapterctl.models.build import build_model
+
+    first = tmp_path / "stage1"
+    run_train(compose("train", tiny_train_overrides(synth_seg, first, max_iters=2)))
+    trained = ckpt.load_checkpoint(first / "checkpoints" / "final.pt")["model"]
+    # a head with another class count (the 172 -> 151 step of the two-stage recipe): those tensors start fresh
+    model = build_model(compose("train", TINY_MODEL + ["head.num_classes=5"]))
+    found = ckpt.initialise_from(model, first / "checkpoints" / "final.pt")
+    assert found["reinitialised"] == [
+        "auxiliary_head.conv_seg.bias",
+        "auxiliary_head.conv_seg.weight",
+        "decode_head.conv_seg.bias",
+        "decode_head.conv_seg.weight",
+    ]
+    assert found["absent"] == [] and found["unused"] == []
+    torch.testing.assert_close(model.state_dict()["backbone.spm.stem.0.weight"], trained["backbone.spm.stem.0.weight"])
+    second = tmp_path / "stage2"
+    result = runner.invoke(
+        app, ["train", *tiny_train_overrides(synth_seg, second, max_iters=2), f"load_from={first}/checkpoints/final.pt"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "initialised from" in result.output and sorted(_train_losses(second)) == [1, 2]  # a fresh step count
+    missing = runner.invoke(
+        app, ["train", *tiny_train_overrides(synth_seg, tmp_path / "s3"), f"load_from={tmp_path}/no.pt"]
+    )
+    assert missing.exit_code == 1 and "no.pt" in missing.output and not (tmp_path / "s3").exists()

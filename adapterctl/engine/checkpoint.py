@@ -75,6 +75,20 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path:
         ) from None
 
 
+def initialise_from(model: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """``load_from``: copy every tensor of ``path``'s model whose name and shape fit; returns what was
+    ``reinitialised`` (shape differs), ``absent`` (not in the file) and ``unused`` (not in the model)."""
+    weights = load_checkpoint(path)["model"]
+    target = model.state_dict()
+    fitting = {k: v for k, v in weights.items() if k in target and target[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    return {
+        "reinitialised": sorted(k for k in weights if k in target and k not in fitting),
+        "absent": sorted(k for k in target if k not in weights),
+        "unused": sorted(k for k in weights if k not in target),
+    }
+
+
 def non_finite_tensors(*states: Any) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf in nested dicts/lists of tensors
     (a model's state dict, an optimizer's)."""

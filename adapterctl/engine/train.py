@@ -124,6 +124,15 @@ def run_train(cfg: DictConfig) -> dict:
             for report in load_pretrained(model, str(cfg.model.pretrained)):
                 if dist.is_main:
                     console.print(str(report), soft_wrap=True, markup=False)
+        if cfg.get("load_from") and state is None:  # another run's weights start this one (two-stage recipes)
+            found = ckpt.initialise_from(model, str(cfg.load_from))
+            if dist.is_main:
+                console.print(f"initialised from {cfg.load_from}", markup=False)
+                for what, keys in found.items():
+                    if keys:
+                        console.print(f"  {what} ({len(keys)}): {', '.join(keys[:8])}", soft_wrap=True, markup=False)
+        elif cfg.get("load_from") and dist.is_main:
+            console.print(f"note: resuming, so load_from={cfg.load_from} is not used", markup=False)
         model.to(dist.device)
         if dist.distributed and dist.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
