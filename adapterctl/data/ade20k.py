@@ -39,11 +39,17 @@ def load_label(path: Path, reduce_zero_label: bool, num_classes: int) -> torch.T
 
 
 class SegmentationFolder(Dataset):
-    """Images and label PNGs paired by file stem.
+    """Images and label PNGs paired by name, in the layouts of mmseg's ``CustomDataset``.
 
     Args:
         root: dataset root holding ``img_dir/<split>`` and ``ann_dir/<split>``.
         split: ``training`` / ``validation`` for ADE20K, or your folder names.
+        img_suffix, seg_map_suffix: an image ``<name><img_suffix>`` pairs with ``<name><seg_map_suffix>``
+            (Cityscapes: ``_leftImg8bit.png`` / ``_gtFine_labelTrainIds.png``); ``img_suffix=None``: any image
+            extension, paired by stem.
+        recursive: look in subfolders too (Cityscapes' city folders); names keep their relative folder.
+        split_file: a text file (relative to ``root``) naming the samples, one per line, in ``img_dir`` and
+            ``ann_dir`` themselves (Pascal Context); ``split`` is then unused.
         num_classes: classes after ``reduce_zero_label``.
         train: apply ``transform`` (a :class:`TrainTransform`) with a per-sample seed; else ``test_transform``.
         on_bad_sample: ``error`` (stop, naming the file) or ``skip`` (use the next sample and report the file).
@@ -61,32 +67,79 @@ class SegmentationFolder(Dataset):
         transform: TrainTransform | None = None,
         test_transform: EvalTransform | None = None,
         on_bad_sample: str = "error",
+        img_suffix: str | None = None,
+        seg_map_suffix: str = ".png",
+        recursive: bool = False,
+        split_file: str | None = None,
     ) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         self.root = Path(root)
-        img_root, ann_root = self.root / img_dir / split, self.root / ann_dir / split
+        if split_file:
+            img_root, ann_root = self.root / img_dir, self.root / ann_dir
+        else:
+            img_root, ann_root = self.root / img_dir / split, self.root / ann_dir / split
         for d in (img_root, ann_root):
             if not d.is_dir():
                 raise DataError(f"dataset folder not found: {d} (see datasets/README.md for the expected tree)")
-        labels = {p.stem: p for p in ann_root.iterdir() if p.suffix.lower() == ".png"}
-        images = sorted(p for p in img_root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise DataError(f"no images in {img_root}")
-        missing = [p for p in images if p.stem not in labels]
+        names = self._names(img_root, img_suffix, recursive, split_file)
+        if not names:
+            what = f"ending in '{img_suffix}'" if img_suffix else "(.jpg, .png, ...)"
+            raise DataError(f"no images {what} in {img_root}{' or its subfolders' if recursive else ''}")
+        images = {name: path for name, path in names}
+        labels = {name: ann_root / f"{name}{seg_map_suffix}" for name, _ in names}
+        labels = {name: p for name, p in labels.items() if p.is_file()}
+        missing = [images[n] for n in images if n not in labels]
+        if missing and not labels:
+            raise DataError(
+                f"no annotation in {ann_root} ends in '{seg_map_suffix}' for the images of {img_root}, e.g. "
+                f"{missing[0].name} needs {ann_root / (names[0][0] + seg_map_suffix)} (see datasets/README.md)"
+            )
         self.skipped: list[str] = []
         if missing:
             if on_bad_sample == "error":
                 raise DataError(f"{len(missing)} image(s) have no annotation in {ann_root}, e.g. {missing[0].name}")
             self.skipped += [f"{p}: no annotation" for p in missing]
             log.warning("skipping %d images without annotation, e.g. %s", len(missing), missing[0])
-        self.samples = [(p, labels[p.stem]) for p in images if p.stem in labels]
+        self.samples = [(images[n], labels[n]) for n in images if n in labels]
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
         self.train = train
         self.transform = transform
         self.test_transform = test_transform
         self.on_bad_sample = on_bad_sample
+
+    def _names(
+        self, img_root: Path, img_suffix: str | None, recursive: bool, split_file: str | None
+    ) -> list[tuple[str, Path]]:
+        """``(name, image path)`` pairs, sorted; the name is the image's path under ``img_root`` less its suffix."""
+        if split_file:
+            listing = self.root / split_file
+            if not listing.is_file():
+                raise DataError(f"split file not found: {listing} (see datasets/README.md for the expected tree)")
+            suffix = img_suffix or ".jpg"
+            found = []
+            for line in listing.read_text().splitlines():
+                if line.strip():
+                    found.append((line.strip(), img_root / f"{line.strip()}{suffix}"))
+            absent = [p for _, p in found if not p.is_file()]
+            if absent:
+                raise DataError(
+                    f"{listing} names {len(absent)} image(s) missing from {img_root}, e.g. {absent[0].name}"
+                )
+            return found
+        files = img_root.rglob("*") if recursive else img_root.iterdir()
+        found = []
+        for p in files:
+            if not p.is_file():
+                continue
+            rel = p.relative_to(img_root).as_posix()
+            if img_suffix is not None:
+                if rel.endswith(img_suffix):
+                    found.append((rel[: -len(img_suffix)], p))
+            elif p.suffix.lower() in IMAGE_SUFFIXES:
+                found.append((rel[: -len(p.suffix)], p))
+        return sorted(found)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -104,6 +104,10 @@ def build_seg_dataset(data: DictConfig, train: bool) -> SegmentationFolder:
         img_dir=data.get("img_dir", "images"),
         ann_dir=data.get("ann_dir", "annotations"),
         on_bad_sample=data.get("on_bad_sample", "error"),
+        img_suffix=data.get("img_suffix"),
+        seg_map_suffix=data.get("seg_map_suffix", ".png"),
+        recursive=bool(data.get("recursive", False)),
+        split_file=(data.train if train else data.test).get("split_file"),
     )
     if train:
         t = data.train
