@@ -367,3 +367,26 @@ def test_load_from_starts_a_new_run_from_another_runs_weights(synth_seg, tmp_pat
         app, ["train", *tiny_train_overrides(synth_seg, tmp_path / "s3"), f"load_from={tmp_path}/no.pt"]
     )
     assert missing.exit_code == 1 and "no.pt" in missing.output and not (tmp_path / "s3").exists()
+
+
+def test_the_loop_reads_losses_back_only_at_its_log_interval(synth_seg, tmp_path, monkeypatch):
+    """No host synchronisation per step: the loop itself (engine/train.py) turns device tensors into Python numbers
+    only when it logs, checkpoints or evaluates (nanoGPT's and torchvision's references do the same)."""
+    import sys
+
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if sys._getframe(1).f_code.co_filename.endswith("engine/train.py"):
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = compose("train", tiny_train_overrides(synth_seg, tmp_path / "run", max_iters=6, log_interval=3,
+                                                checkpoint_interval=100, eval_interval=100))  # fmt: skip
+    run_train(cfg)
+    monkeypatch.undo()
+    assert reads == ["tolist", "tolist"], reads  # iterations 3 and 6 (the log rows), one transfer each
+    assert sorted(_train_losses(tmp_path / "run")) == [3, 6]

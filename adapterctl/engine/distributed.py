@@ -73,11 +73,27 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+_CONTROL: dict[str, Any] = {}
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is set on any rank (a stop request), agreed by every rank. On a CPU tensor through a gloo
+    group, so asking every iteration never waits for a GPU."""
+    if not info.distributed:
+        return flag
+    if "group" not in _CONTROL:
+        _CONTROL["group"] = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_CONTROL["group"])
+    return bool(t.item() > 0)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def cleanup() -> None:
+    _CONTROL.clear()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -22,6 +22,7 @@ from adapterctl.engine import checkpoint as ckpt
 from adapterctl.engine.distributed import (
     DistInfo,
     all_reduce_sum,
+    any_rank,
     barrier,
     broadcast_object,
     cleanup,
@@ -237,8 +238,9 @@ def run_train(cfg: DictConfig) -> dict:
             return res
 
         model.train()
-        window: dict[str, float] = {}
-        n_window, tic = 0, time.perf_counter()
+        window = _LossWindow()
+        logged: list[list[float]] = []  # rows read back since the last log line
+        tic = time.perf_counter()
         step = start
         data_iter = iter(loader)  # draws from the global RNG: restore the checkpoint's state after it
         if state is not None and (rng := state.get("rng", {}).get(f"rank{dist.rank}")) is not None:
@@ -254,14 +256,6 @@ def run_train(cfg: DictConfig) -> dict:
                     out = ddp(*task_impl.inputs(batch, dist.device))
                 losses = {k: v for k, v in out.items() if k.startswith("loss")}
                 loss = sum(losses.values())
-                finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=dist.device)
-                if all_reduce_sum(finite).item() < dist.world_size:
-                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingError(
-                        f"non-finite loss at iteration {step + 1} ({values}); stopping. Lower optim.lr, set "
-                        f"optim.grad_clip, or check the data; {where}."
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if grad_clip:
@@ -271,16 +265,22 @@ def run_train(cfg: DictConfig) -> dict:
                 scaler.update()
                 scheduler.step()
                 step += 1
-
-                extras = {k: v for k, v in out.items() if not k.startswith("loss")}  # e.g. acc_seg
-                for k, v in {**losses, "loss": loss, **extras}.items():
-                    window[k] = window.get(k, 0.0) + float(v.detach())
-                n_window += 1
-                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
-                progress.update(task, completed=step, loss=float(loss.detach()), lr=lr)
-                if step % log_every == 0 or step == max_iters:
-                    speed = n_window / (time.perf_counter() - tic)
-                    means = {k: v / n_window for k, v in window.items()}
+                # the terms stay on the device: no host synchronisation per step (read back below)
+                window.add(step, {**losses, "loss": loss, **{k: v for k, v in out.items() if not k.startswith("loss")}})
+                progress.update(task, completed=step)
+                preempted = any_rank(stop.requested, dist)
+                log_now = step % log_every == 0 or step == max_iters
+                ckpt_now = step % ckpt_every == 0 and step < max_iters
+                eval_now = step % eval_every == 0 and step < max_iters
+                if log_now or ckpt_now or eval_now or preempted:
+                    # one transfer, averaged over ranks; a non-finite loss stops here, before anything is saved
+                    logged += window.flush(dist, last_good)
+                if log_now and logged:
+                    keys = window.keys
+                    means = {k: sum(r[i] for r in logged) / len(logged) for i, k in enumerate(keys)}
+                    speed = len(logged) / (time.perf_counter() - tic)
+                    lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
+                    progress.update(task, loss=logged[-1][keys.index("loss")], lr=lr)
                     if dist.is_main:
                         _write_row(
                             jsonl,
@@ -289,15 +289,14 @@ def run_train(cfg: DictConfig) -> dict:
                             {**{f"train/{k}": v for k, v in means.items()}, "train/lr": lr, "train/it_per_s": speed},
                         )
                         progress.console.print(_log_line(step, max_iters, means, lr, speed), soft_wrap=True)
-                    window, n_window, tic = {}, 0, time.perf_counter()
-                stop_now = torch.tensor([float(stop.requested)], device=dist.device)
-                preempted = all_reduce_sum(stop_now).item() > 0
-                if (step % ckpt_every == 0 and step < max_iters) or preempted:
+                    logged, tic = [], time.perf_counter()
+                if ckpt_now or preempted:
                     last_good = save(step) or last_good
                 if preempted:  # every rank names rank 0's checkpoint
                     raise Preempted(step, broadcast_object(str(last_good) if last_good else None, dist))
-                if step % eval_every == 0 and step < max_iters:
+                if eval_now:
                     metrics = run_eval(step)
+        window.flush(dist, last_good)
         last_good = save(step) or last_good
         metrics = run_eval(step)
         if dist.is_main:
@@ -318,6 +317,42 @@ def run_train(cfg: DictConfig) -> dict:
         if finished:  # a rank leaving on an error must not wait for the others: torchrun stops them when it exits
             barrier()
         cleanup()
+
+
+class _LossWindow:
+    """The loss terms of the iterations since the last read-back, kept on the device. ``flush`` reads them in one
+    transfer (averaged over ranks: every rank logs the same numbers) at the log interval, before a checkpoint or an
+    evaluation, on preemption and at the end, never per step; it stops training at the first non-finite loss,
+    naming that iteration and the last good checkpoint."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.steps: list[int] = []
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        if not self.keys:
+            self.keys = list(terms)
+        self.rows.append(torch.stack([terms[k].detach().float().reshape(()) for k in self.keys]))
+        self.steps.append(step)
+
+    def flush(self, dist: DistInfo, last_good) -> list[list[float]]:
+        if not self.rows:
+            return []
+        table = torch.stack(self.rows)  # iterations x terms
+        if dist.distributed:
+            table = all_reduce_sum(table) / dist.world_size
+        rows, steps = table.tolist(), self.steps
+        self.rows, self.steps = [], []
+        for step, row in zip(steps, rows, strict=True):
+            if not all(math.isfinite(v) for v in row):
+                values = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, row, strict=True) if k.startswith("loss"))
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"non-finite loss at iteration {step} ({values}); stopping. Lower optim.lr, set "
+                    f"optim.grad_clip, or check the data; {where}."
+                )
+        return rows
 
 
 def _refuse_existing_run(out_dir: Path) -> None:
