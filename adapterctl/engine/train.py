@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -301,9 +302,11 @@ def run_train(cfg: DictConfig) -> dict:
         metrics = run_eval(step)
         if dist.is_main:
             ckpt_final = ckpt_dir / "final.pt"
-            if last_good is not None:
-                ckpt_final.unlink(missing_ok=True)
-                ckpt_final.symlink_to(Path(last_good).name)
+            if last_good is not None:  # a new link renamed over the old one: final.pt is never missing
+                link = ckpt_dir / f".final.pt.{os.getpid()}.tmp"
+                link.unlink(missing_ok=True)
+                link.symlink_to(Path(last_good).name)
+                os.replace(link, ckpt_final)
             console.print(task_impl.table(metrics, f"{cfg.experiment_name}: iteration {step}"))
             if skipped:
                 console.print(f"[yellow]skipped {len(skipped)} bad sample(s)[/], e.g. {sorted(skipped)[0]}")
