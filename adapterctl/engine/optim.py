@@ -15,11 +15,15 @@ from torch import nn
 
 _BLOCK = re.compile(r"(?:^|\.)vit\.blocks\.(\d+)\.")
 _EMBED = re.compile(r"(?:^|\.)vit\.(pos_embed|cls_token|patch_embed)")
+# The official id map also puts Mask2Former's query/level embeddings and its class/mask embeddings in layer 0
+# (so at rate^(L+1) of the lr): kept for reproduction; optim=adamw_mask2former is the Mask2Former recipe instead.
+_HEAD_EMBED = re.compile(r"^decode_head\.(mask_embed|cls_embed|level_embed|query_embed|query_feat)\.")
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """0 for the ViT embeddings, i + 1 for ViT block i, ``num_layers - 1`` for the rest."""
-    if _EMBED.search(name):
+    """0 for the ViT embeddings (and Mask2Former's embeddings, as the official map), i + 1 for ViT block i,
+    ``num_layers - 1`` for the rest."""
+    if _EMBED.search(name) or _HEAD_EMBED.match(name):
         return 0
     m = _BLOCK.search(name)
     if m:

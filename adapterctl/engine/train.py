@@ -68,7 +68,8 @@ class _Stop:
 
 
 def _log_line(step: int, max_iters: int, losses: dict[str, float], lr: float, speed: float) -> str:
-    parts = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+    # deep-supervision terms (``loss_cls.d0`` ...) are in ``loss`` and in metrics.jsonl, not on the console line
+    parts = " ".join(f"{k}={v:.4f}" for k, v in losses.items() if "." not in k)
     eta = (max_iters - step) / speed if speed > 0 else float("inf")
     return f"iter {step}/{max_iters} {parts} lr={lr:.3e} {speed:.2f} it/s eta {eta / 60:.1f} min"
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,26 +31,53 @@ def build_backbone(model_cfg: DictConfig | dict) -> nn.Module:
         raise ConfigError(f"model: {exc}".replace(f"{builder.__name__}() ", "")) from None
 
 
+def _upernet(dec: dict, channels: list[int], head: DictConfig) -> nn.Module:
+    from adapterctl.models.heads import UPerHead
+
+    norm = _resolve_norm(head.get("norm_layer", "batchnorm"))
+    return UPerHead(
+        in_channels=[channels[i] for i in dec["in_index"]], num_classes=head.num_classes, norm_layer=norm,
+        ignore_index=head.ignore_index, **dec,
+    )  # fmt: skip
+
+
+def _mask2former(dec: dict, channels: list[int], head: DictConfig) -> nn.Module:
+    from adapterctl.models.heads.mask2former import Mask2FormerHead
+
+    return Mask2FormerHead(in_channels=channels, num_classes=head.num_classes, ignore_index=head.ignore_index, **dec)
+
+
+def _fcn(aux: dict, channels: list[int], head: DictConfig) -> nn.Module:
+    from adapterctl.models.heads import FCNHead
+
+    norm = _resolve_norm(head.get("norm_layer", "batchnorm"))
+    return FCNHead(
+        in_channels=channels[aux["in_index"]], num_classes=head.num_classes, norm_layer=norm,
+        ignore_index=head.ignore_index, **aux,
+    )  # fmt: skip
+
+
+def _build_part(registry: Registry, part: DictConfig, where: str, channels: list[int], head: DictConfig) -> nn.Module:
+    kwargs: dict[str, Any] = OmegaConf.to_container(part, resolve=True)
+    builder = registry.get(str(kwargs.pop("name", None)))
+    try:
+        return builder(kwargs, channels, head)
+    except TypeError as exc:  # an unknown or missing keyword: name it as a config key
+        raise ConfigError(f"{where}: " + re.sub(r"^[\w.]*__init__\(\) ", "", str(exc))) from None
+
+
 def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
-    """An :class:`EncoderDecoder` (UperNet decode head + optional FCN auxiliary head) for ``cfg``."""
-    from adapterctl.models.heads import FCNHead, UPerHead
+    """An :class:`EncoderDecoder`: the decode head ``head.decode.name`` (``DECODE_HEADS``: upernet,
+    mask2former) + an optional auxiliary head (``AUX_HEADS``: fcn) on the backbone's maps."""
     from adapterctl.models.segmentor import EncoderDecoder
 
     backbone = backbone if backbone is not None else build_backbone(cfg.model)
     channels = [f["num_chs"] for f in backbone.feature_info]
     head = cfg.head
-    norm = _resolve_norm(head.get("norm_layer", "batchnorm"))
-    dec: dict[str, Any] = OmegaConf.to_container(head.decode, resolve=True)
-    if dec.pop("name") != "upernet":
-        raise ConfigError(f"head.decode.name: only 'upernet' is available, got {head.decode.name!r}")
-    common = dict(num_classes=head.num_classes, norm_layer=norm, ignore_index=head.ignore_index)
-    decode = UPerHead(in_channels=[channels[i] for i in dec["in_index"]], **common, **dec)
+    decode = _build_part(DECODE_HEADS, head.decode, "head.decode", channels, head)
     aux_head = None
     if head.get("auxiliary") is not None:
-        aux: dict[str, Any] = OmegaConf.to_container(head.auxiliary, resolve=True)
-        if aux.pop("name") != "fcn":
-            raise ConfigError(f"head.auxiliary.name: only 'fcn' is available, got {head.auxiliary.name!r}")
-        aux_head = FCNHead(in_channels=channels[aux["in_index"]], **common, **aux)
+        aux_head = _build_part(AUX_HEADS, head.auxiliary, "head.auxiliary", channels, head)
     test = cfg.data.test
     return EncoderDecoder(
         backbone,
@@ -92,8 +120,15 @@ BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone family", "mod
 BACKBONES.register("vit_adapter", build_from_config)
 BACKBONES.register("beit_adapter", build_beit_from_config)
 
+DECODE_HEADS: Registry[Callable[..., nn.Module]] = Registry("decode head", "head.decode.name")
+DECODE_HEADS.register("upernet", _upernet)
+DECODE_HEADS.register("mask2former", _mask2former)
+AUX_HEADS: Registry[Callable[..., nn.Module]] = Registry("auxiliary head", "head.auxiliary.name")
+AUX_HEADS.register("fcn", _fcn)
+
 HEADS: Registry[HeadEntry] = Registry("head", "head.name")
 HEADS.register("upernet", HeadEntry(build_segmentor, tasks=("segmentation",)))
+HEADS.register("mask2former", HeadEntry(build_segmentor, tasks=("segmentation",)))
 HEADS.register("maskrcnn", HeadEntry(build_detector, tasks=("detection",)))
 
 
