@@ -16,10 +16,14 @@ DEMO_DET_DATA ?= datasets/synthetic_det
 ADE20K_ROWS := ade20k_upernet_vit_adapter_t ade20k_upernet_vit_adapter_s ade20k_upernet_vit_adapter_b \
 	ade20k_upernet_vit_adapter_t_augreg ade20k_upernet_vit_adapter_b_augreg ade20k_upernet_vit_adapter_l_augreg \
 	ade20k_upernet_beit_adapter_l_640
+M2F_ROWS := ade20k_mask2former_beit_adapter_l_640 ade20k_mask2former_beit_adapter_l_896 \
+	ade20k_mask2former_beitv2_adapter_l_896 cocostuff164k_mask2former_beit_adapter_l_896 \
+	cocostuff164k_mask2former_beitv2_adapter_l_896 cocostuff10k_mask2former_beit_adapter_l_512 \
+	cityscapes_mask2former_beit_adapter_l_896 pascal_context59_mask2former_beit_adapter_l_480
 COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k)))
-PAPER_ROWS := $(ADE20K_ROWS) $(COCO_ROWS)
+PAPER_ROWS := $(ADE20K_ROWS) $(M2F_ROWS) $(COCO_ROWS)
 
-.PHONY: help install test test-all lint bench demo demo-det experiments faults $(PAPER_ROWS)
+.PHONY: help install test test-all lint bench bench-m2f demo demo-m2f demo-det experiments faults $(PAPER_ROWS)
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +50,10 @@ demo: install ## Synthesise data, train ViT-Adapter-T + UperNet on CPU for a few
 	@test -d $(DEMO_DATA)/images || $(VENV)/bin/adapterctl data synth --task seg --out $(DEMO_DATA)
 	$(VENV)/bin/adapterctl train experiment=synthetic_upernet_vit_adapter_t_demo data.root=$(DEMO_DATA)
 
+demo-m2f: install ## Synthesise data, train ViT-Adapter-T + Mask2Former on CPU (about 10 minutes), print mIoU
+	@test -d $(DEMO_DATA)/images || $(VENV)/bin/adapterctl data synth --task seg --out $(DEMO_DATA)
+	$(VENV)/bin/adapterctl train experiment=synthetic_mask2former_vit_adapter_t_demo data.root=$(DEMO_DATA)
+
 demo-det: install ## Synthesise COCO-format data, train ViT-Adapter-T + Mask R-CNN on CPU, print box/mask AP
 	@test -d $(DEMO_DET_DATA)/annotations || $(VENV)/bin/adapterctl data synth --task det --out $(DEMO_DET_DATA)
 	$(VENV)/bin/adapterctl train experiment=synthetic_maskrcnn_vit_adapter_t_demo data.root=$(DEMO_DET_DATA)
@@ -56,8 +64,11 @@ faults: install ## Kill / preempt / NaN / disk-full / unwritable / second-run sc
 experiments: install ## List the reproduction experiments with their hyperparameters and the paper's results
 	$(VENV)/bin/adapterctl experiments
 
-$(PAPER_ROWS): install ## Paper rows (real ADE20K / COCO, $$GPUS GPUs per node via torchrun)
+$(PAPER_ROWS): install ## Paper rows (real ADE20K / COCO-Stuff / Cityscapes / Pascal Context / COCO, $$GPUS GPUs per node via torchrun)
 	$(TORCHRUN) -m adapterctl train experiment=$@ $(ARGS)
 
 bench: install ## ViT-Adapter-T vs plain ViT-T at 512x512 (forward, forward+backward, ratio, GFLOP/s)
 	$(VENV)/bin/adapterctl bench --size t --input 512
+
+bench-m2f: install ## A Mask2Former training step (the demo model) split into backbone / pixel decoder / decoder / matching / loss / backward
+	$(VENV)/bin/adapterctl bench --m2f-step synthetic_mask2former_vit_adapter_t_demo

@@ -178,3 +178,86 @@ def run_bench_checkpoint(
     line = ", ".join(f"{k} {v:.3f}" for k, v in results.items())
     Console().print(f"{ckpt} ({task}, {input_size}x{input_size}, {dtype}, median of {runs}): {line}")
     return results
+
+
+def run_bench_mask2former_step(
+    experiment: str = "synthetic_mask2former_vit_adapter_t_demo",
+    batch: int | None = None,
+    runs: int = 5,
+    warmup: int = 2,
+    threads: int = 0,
+    dtype: str = "float32",
+    overrides: list[str] | None = None,
+) -> dict[str, float]:
+    """One training step of a Mask2Former experiment's model split into backbone, pixel decoder, transformer
+    decoder, matching (costs + assignment), loss and backward (medians of ``runs``), with the share of each and
+    the peak memory (CUDA: allocator peak; CPU: the process's peak resident set)."""
+    import resource
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+    from adapterctl.models.heads.mask2former_loss import mask2former_losses, to_mask
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = compose("train", [f"experiment={experiment}", *(overrides or [])])
+    if cfg.head.name != "mask2former":
+        raise ValueError(f"experiment {experiment} has head={cfg.head.name}; this benchmark times Mask2Former")
+    model = build_model(cfg).train()
+    head = model.decode_head
+    b = int(batch or cfg.trainer.batch_size)
+    h, w = (int(s) for s in cfg.data.train.crop_size)
+    images = torch.rand(b, 3, h, w) * 255
+    labels = torch.randint(0, int(cfg.data.num_classes), (b, h, w))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    phases = ("backbone", "pixel decoder", "transformer decoder", "matching", "loss", "backward")
+    samples: dict[str, list[float]] = {p: [] for p in phases}
+
+    def step(record: bool) -> None:
+        times = {}
+        with autocast:
+            t0 = time.perf_counter()
+            feats = model.backbone(model.normalize(images))
+            t1 = time.perf_counter()
+            mask_features, memories, _ = head.pixel_decoder([feats[i] for i in head.in_index])
+            t2 = time.perf_counter()
+            out = head.decode(mask_features, memories)
+            t3 = time.perf_counter()
+            log: dict = {}
+            gl, gm = to_mask(labels, head.ignore_index)
+            loss = sum(mask2former_losses(head, out, gl, gm, record=log).values())
+            t4 = time.perf_counter()
+        loss.backward()
+        t5 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        times = {"backbone": t1 - t0, "pixel decoder": t2 - t1, "transformer decoder": t3 - t2,
+                 "matching": log["matching_s"], "loss": t4 - t3 - log["matching_s"], "backward": t5 - t4}  # fmt: skip
+        if record:
+            for k, v in times.items():
+                samples[k].append(v)
+
+    for _ in range(warmup):
+        step(False)
+    for _ in range(runs):
+        step(True)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    total = sum(med.values())
+    if torch.cuda.is_available() and images.is_cuda:
+        peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA allocator)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process peak RSS)"
+    table = Table(title=f"Mask2Former training step: {experiment}, batch {b} x {h}x{w}, {dtype}, median of {runs}")
+    for col in ("phase", "seconds", "share"):
+        table.add_column(col, justify="right" if col != "phase" else "left")
+    for k in phases:
+        table.add_row(k, f"{med[k]:.3f}", f"{100 * med[k] / total:.1f}%")
+    table.add_row("step", f"{total:.3f}", "100%")
+    console = Console(width=max(Console().width, 100))
+    console.print(table)
+    console.print(f"peak memory {peak}; matching = costs + linear_sum_assignment for {head.num_queries} queries x "
+                  f"{len(head.transformer_decoder.layers) + 1} predictions x {b} images")  # fmt: skip
+    return {**{f"{k.replace(' ', '_')}_s": v for k, v in med.items()}, "step_s": total}

@@ -107,6 +107,14 @@ def bench(
     ckpt: Annotated[
         Path | None, typer.Option(help="Time this checkpoint's whole model instead (inference; segmentation: a step).")
     ] = None,
+    m2f_step: Annotated[
+        str | None,
+        typer.Option(
+            "--m2f-step",
+            help="Time a training step of this Mask2Former experiment split into backbone, pixel decoder, "
+            "decoder, matching, loss and backward (e.g. synthetic_mask2former_vit_adapter_t_demo).",
+        ),
+    ] = None,
 ) -> None:
     """Time ViT-Adapter against its plain timm ViT in the same run: forward, forward+backward, ratio, GFLOP/s."""
     from adapterctl.bench import run_bench, run_bench_checkpoint
@@ -117,6 +125,11 @@ def bench(
         raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if ckpt is not None:
         _run_guarded(lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype))
+        return
+    if m2f_step is not None:
+        from adapterctl.bench import run_bench_mask2former_step
+
+        _run_guarded(lambda: run_bench_mask2former_step(m2f_step, None, runs, warmup, threads, dtype))
         return
     run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype)
 

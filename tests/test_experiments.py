@@ -136,3 +136,51 @@ def test_rows_are_differences_from_their_base():
             assert not repeated, (path.name, base, repeated)
         if path.stem.startswith(("coco_", "ade20k_")):
             assert bases, f"{path.name} should build on a shared base"
+
+
+M2F_ROWS = {  # the official BEiT-Adapter-L + Mask2Former configs: data, img/crop, queries, iterations, GPUs x
+    # batch, test stride, SS / MS mIoU
+    "ade20k_mask2former_beit_adapter_l_640": ("ade20k", 640, 100, 160000, "8x2", 426, 58.3, 59.0),
+    "ade20k_mask2former_beit_adapter_l_896": ("ade20k", 896, 200, 80000, "16x1", 512, 59.4, 60.5),
+    "ade20k_mask2former_beitv2_adapter_l_896": ("ade20k", 896, 200, 80000, "16x1", 512, 61.2, 61.5),
+    "cocostuff164k_mask2former_beit_adapter_l_896": ("coco_stuff164k", 896, 200, 80000, "16x1", 512, 51.7, 52.0),
+    "cocostuff164k_mask2former_beitv2_adapter_l_896": ("coco_stuff164k", 896, 200, 80000, "16x1", 512, 52.3, None),
+    "cocostuff10k_mask2former_beit_adapter_l_512": ("coco_stuff10k", 512, 100, 40000, "8x2", 341, 53.2, 54.2),
+    "cityscapes_mask2former_beit_adapter_l_896": ("cityscapes", 896, 100, 80000, "16x1", 512, 84.9, 85.8),
+    "pascal_context59_mask2former_beit_adapter_l_480": ("pascal_context59", 480, 100, 40000, "8x2", 320, 67.8, 68.2),
+}
+
+
+def test_mask2former_rows_carry_the_official_settings():
+    import torch
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+
+    result = runner.invoke(app, ["experiments", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    for name, (data, img, queries, iters, batch, stride, ss, ms) in M2F_ROWS.items():
+        r = rows[name]
+        assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (2e-5, 0.05, 0.9, 0.3)
+        assert (r["img_size"], r["crop"], r["max_iters"], r["batch"]) == (img, f"{img}x{img}", iters, batch), name
+        assert r["test"] == f"slide [{img}, {img}]/[{stride}, {stride}]", name
+        assert (r["paper"]["mIoU_ss"], r["paper"]["mIoU_ms"]) == (ss, ms), name
+        cfg = compose("train", [f"experiment={name}"])
+        assert (cfg.data.name, cfg.head.name, cfg.head.decode.num_queries) == (data, "mask2former", queries)
+        with torch.device("meta"):  # the full 568M-parameter model, without allocating it
+            model = build_model(cfg)
+        # the README's #Param (568M at 100 queries, 571M at 200 or with a 896 rel-pos window); the 512 and 480 rows
+        # say 568M too, though their smaller relative-position tables make 567.4M / 567.1M (0.9M / 1.1M fewer)
+        count = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(count - float(cfg.paper.params.rstrip("M"))) < 1.0, (name, count)
+    v2 = compose("train", ["experiment=ade20k_mask2former_beitv2_adapter_l_896"])
+    assert v2.model.pretrained.endswith("beitv2_large_patch16_224_pt1k_ft21k.pth")
+    assert v2.load_from.endswith("mask2former_beitv2_adapter_large_896_80k_cocostuff164k.safetensors")
+
+
+def test_makefile_has_a_target_per_mask2former_row():
+    for name in M2F_ROWS:
+        dry = subprocess.run(["make", "-n", name, "GPUS=2"], cwd=REPO, capture_output=True, text=True)
+        assert dry.returncode == 0, dry.stderr
+        assert f"--nproc_per_node 2 -m adapterctl train experiment={name}" in dry.stdout

@@ -24,10 +24,10 @@ def fx() -> dict:
     return torch.load(FIXTURES / "official_mask2former_a.pt", map_location="cpu", weights_only=True)
 
 
-def _head(fx: dict) -> Mask2FormerHead:
+def _head(fx: dict, in_channels: int | None = None) -> Mask2FormerHead:
     dh = fx["config"]["decode_head"]
     head = Mask2FormerHead(
-        dh["in_channels"],
+        [in_channels] * 4 if in_channels else dh["in_channels"],
         num_classes=dh["num_things_classes"] + dh["num_stuff_classes"],
         feat_channels=dh["feat_channels"],
         num_queries=dh["num_queries"],
@@ -35,6 +35,8 @@ def _head(fx: dict) -> Mask2FormerHead:
         ffn_channels=dh["transformer_decoder"]["transformerlayers"]["feedforward_channels"],
         num_points=fx["train_cfg"]["num_points"],
     )
+    if in_channels:
+        return head
     weights = {k.removeprefix("decode_head."): v for k, v in fx["state_dict"].items()}
     ours = head.state_dict()
     assert sorted(weights) == sorted(ours)  # the official names, all 292 of them, and nothing else
@@ -236,3 +238,136 @@ def test_official_layer_id_map_puts_the_head_embeddings_in_layer_zero():
         assert layer_id(f"decode_head.{name}.weight", 26) == 0
     assert layer_id("decode_head.pixel_decoder.level_encoding.weight", 26) == 25
     assert layer_id("decode_head.transformer_decoder.layers.0.norms.0.weight", 26) == 25
+
+
+def test_an_official_mask2former_beit_checkpoint_in_a_release_zip_converts_and_runs(tmp_path):
+    """A full official-layout BEiT-Adapter + Mask2Former checkpoint (the BEiT fixture's backbone, the Mask2Former
+    fixture's head; the five input-projection weights resized to the 64-d backbone), packed as the release packs
+    it (a .zip holding one .pth): convert reads the head's shape off the keys, and the file alone rebuilds a model
+    whose backbone and head give the same numbers as the pieces."""
+    import zipfile
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from adapterctl.cli import app
+    from adapterctl.models.build import load_model_from_checkpoint
+
+    beit = torch.load(FIXTURES / "official_beit_adapter_a.pt", map_location="cpu", weights_only=True)
+    m2f = torch.load(FIXTURES / "official_mask2former_a.pt", map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    head = {}
+    for key, value in m2f["state_dict"].items():
+        if key.endswith(("input_convs.0.conv.weight", "input_convs.1.conv.weight", "input_convs.2.conv.weight",
+                         "lateral_convs.0.conv.weight")):  # fmt: skip
+            value = torch.randn(value.shape[0], 64, 1, 1, generator=gen) * 0.1
+        head[key] = value
+    pth = tmp_path / "mask2former_beit_adapter_tiny_128.pth"
+    torch.save({"state_dict": {**beit["state_dict_mmseg"], **head}, "meta": {"note": "official layout"}}, pth)
+    src = tmp_path / "mask2former_beit_adapter_tiny_128.zip"
+    with zipfile.ZipFile(src, "w") as archive:
+        archive.write(pth, f"mask2former_beit_adapter_tiny_128/{pth.name}")
+        archive.writestr("mask2former_beit_adapter_tiny_128/log.json", "{}")
+    c = beit["config"]
+    size = [
+        f"model.embed_dim={c['embed_dim']}", f"model.depth={c['depth']}", f"model.num_heads={c['num_heads']}",
+        f"model.init_values={c['init_values']}", "model.drop_path_rate=0.0",
+        "model.interaction_indexes=[[0,0],[1,1],[2,2],[3,3]]", f"model.conv_inplane={c['conv_inplane']}",
+        f"model.deform_num_heads={c['deform_num_heads']}", "model.with_cp=false", "head.decode.num_points=1568",
+        "data.test.scale=[512,128]", "data.test.mode=slide", "data.test.crop_size=[128,128]",
+        "data.test.stride=[96,96]",
+    ]  # fmt: skip
+    dst = tmp_path / "m2f.safetensors"
+    result = CliRunner().invoke(app, ["convert", str(src), str(dst), "--model", "beit_adapter_l", *size])
+    assert result.exit_code == 0, result.output
+    assert "Mask2Former" in result.output and "keys not converted" not in result.output
+    model, cfg, _ = load_model_from_checkpoint(dst)
+    assert cfg.head.name == "mask2former" and cfg.model.img_size == 128  # read off the rel-pos table
+    assert (cfg.head.num_classes, cfg.head.decode.num_queries, cfg.head.decode.num_heads) == (7, 10, 4)
+    model.eval()
+    with torch.no_grad():
+        feats = model.backbone(beit["input"])
+        for ours, want in zip(feats, beit["outputs"], strict=True):
+            torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+        reference = _head(m2f, in_channels=64).eval()
+        reference.load_state_dict({k.removeprefix("decode_head."): v for k, v in head.items()})
+        torch.testing.assert_close(
+            model.decode_head.semantic_scores(model.decode_head(feats)),
+            reference.semantic_scores(reference(feats)),
+            atol=1e-5, rtol=0,
+        )  # fmt: skip
+    image = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(150, 200, 3) * 255).byte().numpy()).save(image)
+    pred = CliRunner().invoke(
+        app, ["predict", str(dst), str(image), "--out", str(tmp_path / "pred"), "--device", "cpu"]
+    )
+    assert pred.exit_code == 0, pred.output
+    assert Image.open(tmp_path / "pred" / "photo.png").size == (200, 150)
+
+
+def test_a_zip_without_one_checkpoint_is_refused(tmp_path):
+    import zipfile
+
+    from adapterctl.errors import CheckpointError
+    from adapterctl.models.official import load_checkpoint_file
+
+    src = tmp_path / "release.zip"
+    with zipfile.ZipFile(src, "w") as archive:
+        archive.writestr("release/README.txt", "no weights here")
+    with pytest.raises(CheckpointError, match="no checkpoint files.*README.txt"):
+        load_checkpoint_file(str(src))
+
+
+class _FixedWindow(nn.Module):
+    """A backbone that, like BEiT, takes only its own input size (64 x 64)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.ModuleList(nn.Conv2d(3, 8, s, stride=s) for s in (4, 8, 16, 32))
+        self.feature_info = [dict(num_chs=8, reduction=s) for s in (4, 8, 16, 32)]
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != (64, 64):
+            raise ValueError(f"input {tuple(x.shape[-2:])} is not the 64 x 64 window")
+        return [conv(x) for conv in self.convs]
+
+
+class _Linear(nn.Module):
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(8, 3, 1)
+
+    def forward(self, feats):
+        return self.conv_seg(feats[0])
+
+    def semantic_scores(self, out):
+        return out
+
+
+def test_multi_scale_pads_the_short_side_for_a_fixed_window_and_crops_it_off():
+    """The 896 _ms protocol: each scale (and flip) is padded with black pixels up to the window and the padding is
+    cut off the logits before they are resized and averaged."""
+    from adapterctl.models.heads.common import resize
+    from adapterctl.models.segmentor import EncoderDecoder
+
+    kw = dict(test_mode="aug", crop_size=(64, 64), stride=(32, 32), aug_ratios=(0.5, 1.0), aug_flip=True,
+              aug_mode="slide")  # fmt: skip
+    images = torch.rand(1, 3, 64, 128) * 255
+    plain = EncoderDecoder(_FixedWindow(), _Linear(), **kw).eval()
+    with pytest.raises(ValueError, match="not the 64 x 64 window"):
+        plain.predict(images)  # the 0.5 scale (32 x 64) is smaller than the window
+    seg = EncoderDecoder(_FixedWindow(), _Linear(), pad_short_side=64, **kw).eval()
+    probs = seg.predict(images)
+    expected = 0
+    for size in ((32, 64), (64, 128)):
+        scaled = resize(images, size)
+        for flip in (False, True):
+            x = scaled.flip(-1) if flip else scaled
+            padded = torch.nn.functional.pad(x, (0, 64 - size[1], 0, 64 - size[0])) if size[0] < 64 else x
+            logits = seg.slide_logits(padded)[..., : size[0], : size[1]]
+            logits = logits.flip(-1) if flip else logits
+            expected = expected + resize(logits, (64, 128)).softmax(1)
+    torch.testing.assert_close(probs, expected / 4)

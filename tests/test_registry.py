@@ -29,7 +29,10 @@ def test_the_task_follows_the_head():
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("head.name=uppernet", "head.name=uppernet: unknown head. Did you mean 'upernet'? Valid: upernet, mask2former, maskrcnn"),
+        (
+            "head.name=uppernet",
+            "head.name=uppernet: unknown head. Did you mean 'upernet'? Valid: upernet, mask2former, maskrcnn",
+        ),
         ("model.family=vit_adaptr", "model.family=vit_adaptr: unknown backbone family. Did you mean 'vit_adapter'?"),
         ("task=panoptic", "task=panoptic: unknown task. Valid: segmentation, detection"),
     ],

@@ -91,6 +91,7 @@ def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mo
         aug_ratios=list(test.aug_ratios),
         aug_flip=bool(test.aug_flip),
         aug_mode=test.get("aug_mode", "whole"),
+        pad_short_side=test.get("pad_short_side"),
     )
 
 

@@ -1,7 +1,8 @@
 """``adapterctl convert``: official ViT-Adapter checkpoints -> adapterctl safetensors files.
 
-A backbone-only file, or a full mmseg UperNet checkpoint (``backbone.*`` + ``decode_head.*`` +
-``auxiliary_head.*``): the head modules carry mmseg's names, so their keys map 1:1. The output holds the
+A backbone-only file, a full mmseg UperNet checkpoint (``backbone.*`` + ``decode_head.*`` +
+``auxiliary_head.*``) or a Mask2Former one (also inside the release's ``.zip``), or an mmdet Mask R-CNN one: the
+head modules carry the official names, so their keys map 1:1. The output holds the
 model's tensors and, in its metadata, the composed config, so ``adapterctl eval ckpt=FILE.safetensors`` works
 from it alone.
 """
@@ -9,6 +10,7 @@ from it alone.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +28,46 @@ class ConversionError(CheckpointError):
     """The checkpoint does not fit the chosen model."""
 
 
+def _mask2former_overrides(full: dict[str, Tensor]) -> list[str]:
+    """Head family, widths, depths, queries and class count read off an official Mask2Former state dict (the
+    heads of both transformers: from the MSDA offsets, heads x 3 levels x 4 points x 2)."""
+    feat = full["decode_head.query_feat.weight"]
+    cls = full["decode_head.cls_embed.weight"]
+    prefix = "decode_head.pixel_decoder.encoder.layers."
+    enc = {k[len(prefix) :].split(".")[0] for k in full if k.startswith(prefix)}
+    prefix = "decode_head.transformer_decoder.layers."
+    dec = {k[len(prefix) :].split(".")[0] for k in full if k.startswith(prefix)}
+    offsets = full.get("decode_head.pixel_decoder.encoder.layers.0.attentions.0.sampling_offsets.weight")
+    ffn = full.get("decode_head.transformer_decoder.layers.0.ffns.0.layers.0.0.weight")
+    out = [
+        "head=mask2former",
+        f"head.num_classes={cls.shape[0] - 1}",
+        f"data.num_classes={cls.shape[0] - 1}",
+        f"head.decode.feat_channels={feat.shape[1]}",
+        f"head.decode.num_queries={feat.shape[0]}",
+        f"head.decode.enc_layers={len(enc)}",
+        f"head.decode.dec_layers={len(dec)}",
+    ]
+    if offsets is not None and offsets.shape[0] % 24 == 0:
+        out.append(f"head.decode.num_heads={offsets.shape[0] // 24}")
+    if ffn is not None:
+        out.append(f"head.decode.ffn_channels={ffn.shape[0]}")
+    return out
+
+
+def _beit_overrides(full: dict[str, Tensor]) -> list[str]:
+    """``model.img_size`` from the relative-position table of block 0 ((2W - 1)^2 + 3 rows for a W x W window)."""
+    table = full.get("backbone.blocks.0.attn.relative_position_bias_table")
+    if table is None:
+        return []
+    side = (math.isqrt(table.shape[0] - 3) + 1) // 2
+    return [f"model.img_size={16 * side}"] if (2 * side - 1) ** 2 + 3 == table.shape[0] else []
+
+
 def _head_overrides(full: dict[str, Tensor]) -> list[str]:
-    """Head widths and class count read off an mmseg UperNet state dict."""
+    """Head widths and class count read off an mmseg UperNet (or Mask2Former) state dict."""
+    if "decode_head.query_feat.weight" in full:
+        return _mask2former_overrides(full)
     out = []
     seg = full.get("decode_head.conv_seg.weight")
     if seg is not None:
@@ -94,6 +134,8 @@ def run_convert(
         head_overrides.insert(0, f"model.vit_feature_mode={mode}")
     elif variant != "segmentation":
         raise ConversionError(f"--variant {variant}: model '{model}' ({family}) converts segmentation checkpoints only")
+    if family == "beit_adapter":
+        head_overrides += _beit_overrides(full)
     cfg = compose("train", [f"model={model}", *head_overrides, *overrides])
     backbone = build_backbone(cfg.model)
     conv = convert_official_backbone(unwrap_official(raw, prefix="backbone."), backbone)
@@ -149,8 +191,9 @@ def run_convert(
     }
     blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
     atomic_write(dst, lambda f: f.write(blob))
+    head_name = "Mask2Former" if str(cfg.head.name) == "mask2former" else "UperNet + FCN"
     what = (
-        "segmentor (backbone + UperNet + FCN)"
+        f"segmentor (backbone + {head_name})"
         if has_heads
         else "detector (backbone + FPN + Mask R-CNN)"
         if det_heads

@@ -166,11 +166,50 @@ def from_official(
 
 
 def load_checkpoint_file(path: str) -> dict[str, Any]:
-    """Read a checkpoint safely (tensors and plain containers only; mmcv ``meta`` blocks are fine)."""
+    """Read a checkpoint safely (tensors and plain containers only; mmcv ``meta`` blocks are fine).
+
+    The ``.zip`` archives of the official release (a folder holding one ``.pth``) are opened too: the one
+    checkpoint inside is read without unpacking the rest.
+    """
     from adapterctl.errors import CheckpointError
     from adapterctl.files import torch_load
 
-    obj = torch_load(path, safe_globals=[torch.torch_version.TorchVersion])
+    inner = _release_archive_member(path)
+    if inner is not None:
+        import tempfile
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="adapterctl-") as tmp:
+            try:
+                extracted = archive.extract(inner, tmp)
+            except (OSError, zipfile.BadZipFile) as exc:
+                raise CheckpointError(f"{path}: cannot read {inner} from the archive ({exc})") from None
+            obj = torch_load(extracted, safe_globals=[torch.torch_version.TorchVersion])
+    else:
+        obj = torch_load(path, safe_globals=[torch.torch_version.TorchVersion])
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj
+
+
+def _release_archive_member(path: str) -> str | None:
+    """The checkpoint inside a release ``.zip``; ``None`` for anything else (a torch file is itself a zip, told
+    apart by its ``data.pkl``)."""
+    import zipfile
+
+    from adapterctl.errors import CheckpointError
+
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        names = [i.filename for i in archive.infolist() if not i.is_dir()]
+    if any(n.endswith("data.pkl") for n in names):
+        return None
+    found = [n for n in names if n.endswith((".pth", ".pth.tar", ".pt", ".bin")) and "__MACOSX" not in n]
+    if len(found) != 1:
+        listing = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise CheckpointError(
+            f"{path}: a zip archive with {len(found) or 'no'} checkpoint files (.pth/.pth.tar/.pt) in it; "
+            f"expected one. It holds: {listing or 'nothing'}"
+        )
+    return found[0]

@@ -27,6 +27,10 @@ class EncoderDecoder(nn.Module):
         mean, std: RGB normalisation on the 0-255 scale; images enter the model unnormalised.
         test_mode: ``whole``, ``slide`` or ``aug``; ``crop_size``/``stride`` for slide, ``aug_ratios``/``aug_flip``
             and ``aug_mode`` (whole or slide per scale) for aug.
+        pad_short_side: in ``aug``, pad each scaled (and flipped) image at the bottom/right with black pixels
+            until both sides reach this size, and crop the padding off its logits again (the official 896
+            multi-scale protocol: ``PadShortSide`` + ``EncoderDecoderMask2FormerAug``, so a fixed-window
+            backbone sees full crops at the smaller scales).
         size_divisor: the backbone's input multiple.
     """
 
@@ -44,6 +48,7 @@ class EncoderDecoder(nn.Module):
         aug_ratios: Sequence[float] = (1.0,),
         aug_flip: bool = False,
         aug_mode: str = "whole",
+        pad_short_side: int | None = None,
         size_divisor: int = 32,
         align_corners: bool = False,
     ) -> None:
@@ -63,6 +68,7 @@ class EncoderDecoder(nn.Module):
         self.aug_ratios = tuple(float(r) for r in aug_ratios)
         self.aug_flip = aug_flip
         self.aug_mode = aug_mode
+        self.pad_short_side = int(pad_short_side) if pad_short_side else None
         self.size_divisor = size_divisor
         self.align_corners = align_corners
         self.num_classes = decode_head.num_classes
@@ -139,7 +145,11 @@ class EncoderDecoder(nn.Module):
             flips = (False, True) if self.aug_flip else (False,)
             for flip in flips:
                 inp = scaled.flip(-1) if flip else scaled
-                logits = self._logits(inp, self.aug_mode)
+                sh, sw = inp.shape[-2:]
+                if self.pad_short_side and min(sh, sw) < self.pad_short_side:
+                    side = self.pad_short_side  # black in pixel space: padded before normalisation, as the official
+                    inp = F.pad(inp, (0, max(side - sw, 0), 0, max(side - sh, 0)))
+                logits = self._logits(inp, self.aug_mode)[..., :sh, :sw]
                 if flip:
                     logits = logits.flip(-1)
                 p = resize(logits, out_size, self.align_corners).softmax(1)

@@ -323,8 +323,13 @@ class Mask2FormerHead(SemanticHead):
         return cls, masks, blocked
 
     def forward(self, features: Sequence[Tensor]) -> dict[str, Any]:
-        feats = [features[i] for i in self.in_index]
-        mask_features, memories, encoder_memory = self.pixel_decoder(feats)
+        mask_features, memories, encoder_memory = self.pixel_decoder([features[i] for i in self.in_index])
+        out = self.decode(mask_features, memories)
+        out["encoder_memory"] = encoder_memory
+        return out
+
+    def decode(self, mask_features: Tensor, memories: list[Tensor]) -> dict[str, Any]:
+        """The transformer decoder on the pixel decoder's outputs: all predictions and attention masks."""
         b = mask_features.shape[0]
         mems, mem_pos = [], []
         for i, m in enumerate(memories):
@@ -349,7 +354,6 @@ class Mask2FormerHead(SemanticHead):
             "masks": torch.stack(all_masks),
             "mask_features": mask_features,
             "memories": memories,
-            "encoder_memory": encoder_memory,
             "attn_masks": attn_masks,
         }
 

@@ -10,6 +10,7 @@ ranks. Random draws go through a :class:`PointSampler`, so tests can replay stor
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,7 +138,8 @@ def mask2former_losses(
 ) -> dict[str, Tensor]:  # fmt: skip
     """The loss dict of all predictions: ``loss_cls``, ``loss_mask``, ``loss_dice`` for the last one and
     ``loss_cls.d{l}`` ... for the auxiliary ones (official names ``d{l}.loss_cls``). ``record``, if given,
-    receives the matching per prediction (``query_inds``, ``gt_inds``, ``costs``, ``num_total_masks``)."""
+    receives the matching per prediction (``query_inds``, ``gt_inds``, ``costs``, ``num_total_masks``) and
+    the seconds spent on costs and assignment (``matching_s``)."""
     points = points if points is not None else PointSampler()
     all_cls, all_masks = outputs["cls"].float(), outputs["masks"].float()
     with torch.autocast(all_cls.device.type, enabled=False):
@@ -163,10 +165,13 @@ def _losses(head, all_cls, all_masks, gt_labels, gt_masks, points, record) -> di
                 continue
             pred_pts = point_sample(masks[i].unsqueeze(1), pts.expand(q, -1, -1)).squeeze(1)
             gt_pts = point_sample(gt_masks[i].unsqueeze(1).to(masks.dtype), pts.expand(n, -1, -1)).squeeze(1)
+            tic = time.perf_counter()
             costs = matching_costs(
                 cls[i], pred_pts, gt_labels[i], gt_pts, head.cls_weight, head.mask_weight, head.dice_weight
             )
             rows, cols = hungarian(costs.total)
+            if record is not None:
+                record["matching_s"] = record.get("matching_s", 0.0) + time.perf_counter() - tic
             matched.append((rows, cols, costs))
             rows_d, cols_d = rows.to(cls.device), cols.to(cls.device)
             labels[i, rows_d] = gt_labels[i][cols_d]
