@@ -371,3 +371,85 @@ def test_multi_scale_pads_the_short_side_for_a_fixed_window_and_crops_it_off():
             logits = logits.flip(-1) if flip else logits
             expected = expected + resize(logits, (64, 128)).softmax(1)
     torch.testing.assert_close(probs, expected / 4)
+
+
+TINY_M2F = [
+    "head=mask2former", "head.decode.feat_channels=32", "head.decode.num_heads=4", "head.decode.ffn_channels=64",
+    "head.decode.num_queries=8", "head.decode.num_points=256", "head.decode.with_cp=true",
+]  # fmt: skip
+
+
+def test_train_under_bf16_then_eval_the_checkpoint(synth_seg, tmp_path):
+    """`adapterctl train head=mask2former` under bf16 autocast (the losses and matching run in fp32), with the
+    FFN checkpointing on; the checkpoint alone evaluates."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from adapterctl.cli import app
+
+    from .conftest import tiny_train_overrides
+
+    out = tmp_path / "run"
+    base = [o for o in tiny_train_overrides(synth_seg, out, max_iters=2, amp="bf16") if not o.startswith("head.")]
+    result = CliRunner().invoke(app, ["train", *base, *TINY_M2F])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "train/loss" in r]
+    assert len(losses) == 2 and all(r["train/loss"] > 0 for r in losses)
+    assert sum(k.startswith("train/loss_") for k in losses[0]) == 30
+    assert "loss_cls.d0" not in result.output  # the console line shows the final prediction's terms only
+    ev = CliRunner().invoke(
+        app, ["eval", f"ckpt={out / 'checkpoints' / 'final.pt'}", f"paths.output_dir={tmp_path / 'e'}"]
+    )
+    assert ev.exit_code == 0, ev.output
+    assert 0.0 <= json.loads((tmp_path / "e" / "metrics.json").read_text())["mIoU"] <= 100.0
+
+
+def test_beit_mask2former_optimizer_groups_follow_the_official_constructor():
+    """Layer decay 0.90 over 24 blocks (26 ids): the head's embeddings in layer 0 with the patch embedding, block
+    i at 0.9^(24 - i), the adapter and the rest of the head at 1; no decay for 1-D tensors and biases only."""
+    from adapterctl.config import compose
+    from adapterctl.engine.optim import param_groups
+    from adapterctl.models.build import build_model
+
+    cfg = compose("train", ["experiment=ade20k_mask2former_beit_adapter_l_640"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    groups = param_groups(model, lr=2e-5, weight_decay=0.05, layer_decay_rate=0.9)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert scale["decode_head.query_embed.weight"] == pytest.approx(0.9**25)
+    assert scale["decode_head.mask_embed.4.weight"] == pytest.approx(0.9**25)
+    assert scale["backbone.vit.patch_embed.proj.weight"] == pytest.approx(0.9**25)
+    assert scale["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(0.9**24)
+    assert scale["backbone.vit.blocks.23.mlp.fc1.weight"] == pytest.approx(0.9)
+    assert scale["decode_head.pixel_decoder.mask_feature.weight"] == 1.0
+    assert scale["decode_head.transformer_decoder.layers.8.attentions.0.attn.in_proj_weight"] == 1.0
+    assert decay["backbone.vit.blocks.0.attn.relative_position_bias_table"] == 0.05  # 2-D: decayed, as official
+    assert decay["backbone.vit.blocks.0.gamma_1"] == 0.0 and decay["backbone.vit.blocks.0.attn.q_bias"] == 0.0
+    assert decay["decode_head.query_feat.weight"] == 0.05
+
+
+def test_the_mask2former_recipe_optimizer():
+    from adapterctl.config import compose
+    from adapterctl.engine.optim import param_groups
+    from adapterctl.models.build import build_model
+
+    from .conftest import TINY_MODEL
+
+    model_args = [o for o in TINY_MODEL if not o.startswith("head.")]
+    cfg = compose("train", [*model_args, *TINY_M2F, "optim=adamw_mask2former"])
+    assert cfg.optim.grad_clip == 0.01
+    o = cfg.optim
+    groups = param_groups(build_model(cfg), float(o.lr), float(o.weight_decay), float(o.layer_decay_rate),
+                          no_decay_keys=list(o.no_decay_keys), lr_mult=dict(o.lr_mult))  # fmt: skip
+    lr = {n: g["lr"] for g in groups for n in g["names"]}
+    decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert lr["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(1e-5)
+    assert lr["backbone.spm.stem.0.weight"] == pytest.approx(1e-5)
+    assert lr["decode_head.query_embed.weight"] == pytest.approx(1e-4)
+    for name in ("decode_head.query_embed.weight", "decode_head.query_feat.weight", "decode_head.level_embed.weight",
+                 "decode_head.pixel_decoder.level_encoding.weight", "backbone.vit.pos_embed"):  # fmt: skip
+        assert decay[name] == 0.0, name
+    assert decay["decode_head.pixel_decoder.mask_feature.weight"] == 0.05
