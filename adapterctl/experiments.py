@@ -13,7 +13,7 @@ def list_experiments() -> list[dict]:
         m, o, t, d = cfg.model, cfg.optim, cfg.trainer, cfg.data
         gpus = int(paper.get("gpus", 1))
         if "mIoU_ss" in paper:
-            result = f"{paper['mIoU_ss']} / {paper['mIoU_ms']} mIoU (SS/MS)"
+            result = f"{paper['mIoU_ss']} / {paper['mIoU_ms'] or '-'} mIoU (SS/MS)"
         elif "box_ap" in paper:
             result = f"{paper['box_ap']} box / {paper['mask_ap']} mask AP"
         else:

@@ -81,6 +81,27 @@ def test_an_input_of_another_size_is_refused_naming_both(fx):
         model(torch.randn(1, 3, 160, 128))
 
 
+def test_interpolated_rel_pos_bias_runs_other_sizes_and_says_it_is_not_official(fx):
+    from adapterctl.models.trunks_beit import resized_rel_pos_bias
+
+    model = _model(fx)
+    attn = model.vit.blocks[0].attn
+    with torch.no_grad():  # at the model's own window the resize is the identity
+        same = resized_rel_pos_bias(attn, tuple(attn.window_size))
+    torch.testing.assert_close(same[0], attn._get_rel_pos_bias()[0], atol=0, rtol=0)
+    model.trunk.interpolate_rel_pos = True
+    with torch.no_grad():  # its own size still runs the official path
+        torch.testing.assert_close(model(fx["input"])[0], fx["outputs"][0], atol=1e-4, rtol=1e-4)
+    table = attn.relative_position_bias_table
+    x = torch.randn(1, 3, 160, 128)
+    with pytest.warns(UserWarning, match="not the official computation"):
+        outs = model.train()(x)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(40, 32), (20, 16), (10, 8), (5, 4)]
+    sum(o.pow(2).mean() for o in outs).backward()
+    assert attn.relative_position_bias_table is table  # set back after each block
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
 def test_beit_adapter_l_config_builds_at_the_official_size():
     from adapterctl.models.build import build_model
 

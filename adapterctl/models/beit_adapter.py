@@ -23,6 +23,7 @@ def build_beit_adapter(
     init_values: float = 1e-6,
     drop_path_rate: float = 0.3,
     use_shared_rel_pos_bias: bool = False,
+    interpolate_rel_pos: bool = False,
     interaction_indexes: Sequence[Sequence[int]] = ((0, 5), (6, 11), (12, 17), (18, 23)),
     norm_layer: Callable[[int], nn.Module] | str = "batchnorm",
     **adapter_kwargs: Any,
@@ -50,7 +51,7 @@ def build_beit_adapter(
         global_pool="",
     )
     beit.norm = nn.Identity()  # the official BEiTAdapter has no final norm
-    return ViTAdapter(
+    adapter = ViTAdapter(
         beit,
         interaction_indexes=interaction_indexes,
         init_values=init_values,
@@ -58,6 +59,8 @@ def build_beit_adapter(
         norm_layer=_resolve_norm(norm_layer),
         **adapter_kwargs,
     )
+    adapter.trunk.interpolate_rel_pos = bool(interpolate_rel_pos)
+    return adapter
 
 
 def build_from_config(size: str | None = None, layout: str = "segmentation", **given: Any) -> ViTAdapter:

@@ -112,6 +112,7 @@ BEIT_VARIANTS: dict[str, dict[str, Any]] = {
         init_values=1e-6,
         drop_path_rate=0.3,
         use_shared_rel_pos_bias=False,
+        interpolate_rel_pos=False,
         interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]],
         conv_inplane=64,
         n_points=4,
