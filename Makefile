@@ -19,7 +19,10 @@ ADE20K_ROWS := ade20k_upernet_vit_adapter_t ade20k_upernet_vit_adapter_s ade20k_
 M2F_ROWS := ade20k_mask2former_beit_adapter_l_640 ade20k_mask2former_beit_adapter_l_896 \
 	ade20k_mask2former_beitv2_adapter_l_896 cocostuff164k_mask2former_beit_adapter_l_896 \
 	cocostuff164k_mask2former_beitv2_adapter_l_896 cocostuff10k_mask2former_beit_adapter_l_512 \
-	cityscapes_mask2former_beit_adapter_l_896 pascal_context59_mask2former_beit_adapter_l_480
+	cityscapes_mask2former_beit_adapter_l_896 pascal_context59_mask2former_beit_adapter_l_480 \
+	cocostuff10k_mask2former_beit_adapter_b_512 pascal_context59_mask2former_beit_adapter_b_480 \
+	cocostuff10k_upernet_beit_adapter_l_512 cocostuff164k_upernet_beit_adapter_l_640 \
+	pascal_context59_upernet_beit_adapter_l_480
 COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k)))
 PAPER_ROWS := $(ADE20K_ROWS) $(M2F_ROWS) $(COCO_ROWS)
 

@@ -184,3 +184,39 @@ def test_makefile_has_a_target_per_mask2former_row():
         dry = subprocess.run(["make", "-n", name, "GPUS=2"], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0, dry.stderr
         assert f"--nproc_per_node 2 -m adapterctl train experiment={name}" in dry.stdout
+
+
+MORE_BEIT_ROWS = {  # data, head, img/crop, iterations, GPUs x batch, stride, lr, layer decay, drop path, SS / MS
+    "cocostuff10k_mask2former_beit_adapter_b_512": ("coco_stuff10k", "mask2former", 512, 40000, "8x2", 341, 3e-5, 0.95, 0.2, 50.0, 50.5),
+    "pascal_context59_mask2former_beit_adapter_b_480": ("pascal_context59", "mask2former", 480, 40000, "8x2", 320, 3e-5, 0.95, 0.2, 64.0, 64.4),
+    "cocostuff10k_upernet_beit_adapter_l_512": ("coco_stuff10k", "upernet", 512, 80000, "8x2", 341, 2e-5, 0.9, 0.3, 51.0, 51.4),
+    "cocostuff164k_upernet_beit_adapter_l_640": ("coco_stuff164k", "upernet", 640, 80000, "8x2", 426, 2e-5, 0.9, 0.3, 50.5, 50.7),
+    "pascal_context59_upernet_beit_adapter_l_480": ("pascal_context59", "upernet", 480, 80000, "8x2", 320, 2e-5, 0.9, 0.3, 67.0, 67.5),
+}  # fmt: skip
+
+
+def test_the_other_beit_rows_carry_the_official_settings():
+    import torch
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+
+    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    for name, (data, head, img, iters, batch, stride, lr, ld, dpr, ss, ms) in MORE_BEIT_ROWS.items():
+        r = rows[name]
+        assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (lr, 0.05, ld, dpr), name
+        assert (r["img_size"], r["crop"], r["max_iters"], r["batch"]) == (img, f"{img}x{img}", iters, batch), name
+        assert r["test"] == f"slide [{img}, {img}]/[{stride}, {stride}]", name
+        assert (r["paper"]["mIoU_ss"], r["paper"]["mIoU_ms"]) == (ss, ms), name
+        cfg = compose("train", [f"experiment={name}"])
+        assert (cfg.data.name, cfg.head.name) == (data, head), name
+        with torch.device("meta"):
+            count = sum(p.numel() for p in build_model(cfg).parameters()) / 1e6
+        assert abs(count - float(cfg.paper.params.rstrip("M"))) < 1.0, (name, count)
+    b = compose("train", ["experiment=cocostuff10k_mask2former_beit_adapter_b_512"])
+    assert (b.model.embed_dim, b.model.depth, b.head.decode.ffn_channels, b.head.decode.enc_ffn_channels) == (
+        768, 12, 2048, 1024,
+    )  # fmt: skip
+    for name in MORE_BEIT_ROWS:
+        dry = subprocess.run(["make", "-n", name, "GPUS=2"], cwd=REPO, capture_output=True, text=True)
+        assert dry.returncode == 0 and f"train experiment={name}" in dry.stdout, dry.stderr

@@ -453,3 +453,17 @@ def test_the_mask2former_recipe_optimizer():
                  "decode_head.pixel_decoder.level_encoding.weight", "backbone.vit.pos_embed"):  # fmt: skip
         assert decay[name] == 0.0, name
     assert decay["decode_head.pixel_decoder.mask_feature.weight"] == 0.05
+
+
+def test_convert_reads_the_head_shape_off_the_keys():
+    """Widths, queries, heads, depths, classes and a pixel-decoder FFN that differs (the BEiT-B rows)."""
+    from adapterctl.models.convert import _head_overrides
+
+    head = Mask2FormerHead([48] * 4, num_classes=11, feat_channels=64, num_queries=12, num_heads=8,
+                           ffn_channels=96, enc_ffn_channels=40, enc_layers=2, dec_layers=3)  # fmt: skip
+    full = {f"decode_head.{k}": v for k, v in head.state_dict().items()}
+    assert set(_head_overrides(full)) == {
+        "head=mask2former", "head.num_classes=11", "data.num_classes=11", "head.decode.feat_channels=64",
+        "head.decode.num_queries=12", "head.decode.enc_layers=2", "head.decode.dec_layers=3",
+        "head.decode.num_heads=8", "head.decode.ffn_channels=96", "head.decode.enc_ffn_channels=40",
+    }  # fmt: skip

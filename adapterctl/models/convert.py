@@ -52,6 +52,9 @@ def _mask2former_overrides(full: dict[str, Tensor]) -> list[str]:
         out.append(f"head.decode.num_heads={offsets.shape[0] // 24}")
     if ffn is not None:
         out.append(f"head.decode.ffn_channels={ffn.shape[0]}")
+    enc_ffn = full.get("decode_head.pixel_decoder.encoder.layers.0.ffns.0.layers.0.0.weight")
+    if enc_ffn is not None and (ffn is None or enc_ffn.shape[0] != ffn.shape[0]):
+        out.append(f"head.decode.enc_ffn_channels={enc_ffn.shape[0]}")
     return out
 
 

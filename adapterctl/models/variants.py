@@ -124,6 +124,29 @@ BEIT_VARIANTS: dict[str, dict[str, Any]] = {
         use_extra_extractor=True,
         with_cp=True,
     ),
+    # BEiT-Adapter-B of the COCO-Stuff-10k / Pascal Context Mask2Former rows (with_cp unset there: off)
+    "b": dict(
+        img_size=512,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        init_values=1e-6,
+        drop_path_rate=0.2,
+        use_shared_rel_pos_bias=False,
+        interpolate_rel_pos=False,
+        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
+        conv_inplane=64,
+        n_points=4,
+        deform_num_heads=12,
+        deform_ratio=0.5,
+        with_cffn=True,
+        cffn_ratio=0.25,
+        add_vit_feature=True,
+        use_extra_extractor=True,
+        with_cp=False,
+    ),
 }
 
 

@@ -223,7 +223,8 @@ class Mask2FormerHead(SemanticHead):
         num_classes: K (``num_things_classes + num_stuff_classes``); the no-object class is K.
         feat_channels / out_channels: the width (equal) of pixel decoder and decoder (1024 in the BEiT-L configs).
         num_queries: 100 (640 configs) or 200 (896 configs).
-        num_heads, ffn_channels: both transformers' (32 and 4096 in the BEiT-L configs).
+        num_heads, ffn_channels: both transformers' (32 and 4096 in the BEiT-L configs); ``enc_ffn_channels``
+            the pixel decoder's FFN where it differs (the BEiT-B rows: 1024, decoder 2048).
         enc_layers, dec_layers, enc_points: 6, 9, 4.
         num_groups: GroupNorm groups of the pixel decoder.
         with_cp: activation checkpointing of the FFNs (memory only).
@@ -240,6 +241,7 @@ class Mask2FormerHead(SemanticHead):
         num_queries: int = 100,
         num_heads: int = 8,
         ffn_channels: int = 2048,
+        enc_ffn_channels: int | None = None,
         enc_layers: int = 6,
         dec_layers: int = 9,
         enc_points: int = 4,
@@ -276,7 +278,7 @@ class Mask2FormerHead(SemanticHead):
         c = int(feat_channels)
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             [in_channels[i] for i in self.in_index], c, out_channels, enc_layers, num_heads, enc_points,
-            ffn_channels, self.num_levels, num_groups, with_cp,
+            int(enc_ffn_channels or ffn_channels), self.num_levels, num_groups, with_cp,
         )  # fmt: skip
         self.transformer_decoder = _Layers(
             [DecoderLayer(c, num_heads, ffn_channels, with_cp) for _ in range(dec_layers)], nn.LayerNorm(c)
