@@ -187,11 +187,16 @@ def test_makefile_has_a_target_per_mask2former_row():
 
 
 MORE_BEIT_ROWS = {  # data, head, img/crop, iterations, GPUs x batch, stride, lr, layer decay, drop path, SS / MS
-    "cocostuff10k_mask2former_beit_adapter_b_512": ("coco_stuff10k", "mask2former", 512, 40000, "8x2", 341, 3e-5, 0.95, 0.2, 50.0, 50.5),
-    "pascal_context59_mask2former_beit_adapter_b_480": ("pascal_context59", "mask2former", 480, 40000, "8x2", 320, 3e-5, 0.95, 0.2, 64.0, 64.4),
-    "cocostuff10k_upernet_beit_adapter_l_512": ("coco_stuff10k", "upernet", 512, 80000, "8x2", 341, 2e-5, 0.9, 0.3, 51.0, 51.4),
-    "cocostuff164k_upernet_beit_adapter_l_640": ("coco_stuff164k", "upernet", 640, 80000, "8x2", 426, 2e-5, 0.9, 0.3, 50.5, 50.7),
-    "pascal_context59_upernet_beit_adapter_l_480": ("pascal_context59", "upernet", 480, 80000, "8x2", 320, 2e-5, 0.9, 0.3, 67.0, 67.5),
+    "cocostuff10k_mask2former_beit_adapter_b_512":
+        ("coco_stuff10k", "mask2former", 512, 40000, "8x2", 341, 3e-5, 0.95, 0.2, 50.0, 50.5),
+    "pascal_context59_mask2former_beit_adapter_b_480":
+        ("pascal_context59", "mask2former", 480, 40000, "8x2", 320, 3e-5, 0.95, 0.2, 64.0, 64.4),
+    "cocostuff10k_upernet_beit_adapter_l_512":
+        ("coco_stuff10k", "upernet", 512, 80000, "8x2", 341, 2e-5, 0.9, 0.3, 51.0, 51.4),
+    "cocostuff164k_upernet_beit_adapter_l_640":
+        ("coco_stuff164k", "upernet", 640, 80000, "8x2", 426, 2e-5, 0.9, 0.3, 50.5, 50.7),
+    "pascal_context59_upernet_beit_adapter_l_480":
+        ("pascal_context59", "upernet", 480, 80000, "8x2", 320, 2e-5, 0.9, 0.3, 67.0, 67.5),
 }  # fmt: skip
 
 
