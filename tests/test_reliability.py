@@ -409,12 +409,16 @@ def test_a_write_failure_on_rank_0_alone_ends_a_torchrun_job(synth_seg, tmp_path
     assert "cannot create folder" in proc.stdout + proc.stderr
 
 
-def test_the_trunk_refuses_vits_it_would_run_differently():
+def test_vits_the_official_trunk_would_run_differently_get_the_prefix_trunk():
     from timm.models.vision_transformer import VisionTransformer
 
-    from adapterctl.models.trunks import trunk_for
+    from adapterctl.models.trunks import TimmPrefixViTTrunk, TimmViTTrunk, trunk_for
 
-    with pytest.raises(ValueError, match="register tokens"):
-        trunk_for(VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, reg_tokens=4))
-    with pytest.raises(ValueError, match="norm_pre"):
-        trunk_for(VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, pre_norm=True))
+    def vit(**kw):
+        return VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, **kw)
+
+    assert isinstance(trunk_for(vit(reg_tokens=4)), TimmPrefixViTTrunk)  # registers carried, not dropped
+    assert isinstance(trunk_for(vit(pre_norm=True)), TimmPrefixViTTrunk)  # CLIP-style: cls token and norm_pre
+    assert isinstance(trunk_for(vit()), TimmViTTrunk)
+    with pytest.raises(ValueError, match="position embedding"):
+        trunk_for(vit(pos_embed="none"))

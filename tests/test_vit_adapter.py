@@ -208,7 +208,7 @@ def test_variants_keep_released_hyperparameters():
     assert variant_kwargs("b")["deform_ratio"] == 0.5 and variant_kwargs("b")["deform_num_heads"] == 12
 
 
-def test_wraps_any_timm_vit_and_rejects_other_patch_sizes(tiny_kwargs):
+def test_wraps_any_timm_vit_and_rejects_overlapping_patches(tiny_kwargs):
     import timm
 
     model = build_vit_adapter(
@@ -220,12 +220,12 @@ def test_wraps_any_timm_vit_and_rejects_other_patch_sizes(tiny_kwargs):
     assert model.embed_dim == 384
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 64, 64))[0].shape == (1, 384, 16, 16)
-    with pytest.raises(ValueError, match="16x16 patches"):
-        ViTAdapter(
-            timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28),
-            interaction_indexes=[[0, 11]],
-            vit_feature_mode="final",
-        )
+    dinov2 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28)
+    assert ViTAdapter(dinov2, interaction_indexes=[[0, 11]], vit_feature_mode="final").trunk.patch_size == 14
+    overlapping = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28)
+    overlapping.patch_embed.proj.stride = (7, 7)
+    with pytest.raises(ValueError, match="non-overlapping patches"):
+        ViTAdapter(overlapping, interaction_indexes=[[0, 11]], vit_feature_mode="final")
 
 
 def test_per_interaction_mode_needs_four_interactions(tiny_kwargs):

@@ -13,6 +13,10 @@ The adapter sees a trunk only through this protocol, never through a block's pri
 - ``embed_dim``, ``depth``, ``patch_size``.
 
 A new family (timm ``Beit``, ``Eva``) is one more implementation and a :func:`register_trunk` line.
+
+The token grid ``hw`` need not be the stride-16 map: a patch-14 ViT (DINOv2) puts its tokens on the 1/14 grid
+while the spatial prior module keeps strides 8/16/32; the adapter's deformable attention works in normalised
+coordinates, and ViT maps are resized to the adapter's sizes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,6 +81,19 @@ def _vision_transformer() -> type:
 
 
 @register_trunk(_vision_transformer())
+def timm_vit_trunk(vit: nn.Module) -> Trunk:
+    """timm ``VisionTransformer``: the official computation (:class:`TimmViTTrunk`) for DeiT/AugReg-style ViTs
+    with 16x16 patches; :class:`TimmPrefixViTTrunk` (DINOv2 style: prefix tokens carried) for other patch sizes,
+    register tokens or a pre-norm (CLIP-style), which the official computation would run differently."""
+    patch = tuple(vit.patch_embed.proj.kernel_size)
+    official = (
+        patch == (16, 16)
+        and not getattr(vit, "num_reg_tokens", 0)
+        and isinstance(getattr(vit, "norm_pre", nn.Identity()), nn.Identity)
+    )
+    return TimmViTTrunk(vit) if official else TimmPrefixViTTrunk(vit)
+
+
 class TimmViTTrunk:
     """timm ``VisionTransformer`` as the official ViT-Adapter runs its DeiT / AugReg ViTs: 16x16 patches, no cls
     token in the forward (its position-embedding slot stays, checkpoints carry it), the pretraining
@@ -163,3 +181,71 @@ def _run_block(block: nn.Module, x: Tensor, hw: tuple[int, int]) -> Tensor:
         x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), hw)))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return block(x)
+
+
+class TimmPrefixViTTrunk:
+    """timm ``VisionTransformer`` as DINOv2's ViT-Adapter runs it: any patch size (14 natively, no kernel
+    resampling), the cls token and register tokens carried between interactions (never seen by the injector or
+    extractor), position embedding resampled to each input's token grid as timm's own dynamic-size forward does
+    (``resample_abs_pos_embed``), layer scale and ``norm_pre`` as timm runs them. Its blocks see exactly what
+    timm's ``forward_features`` would give them.
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        if getattr(vit, "pos_embed", None) is None:
+            raise ValueError("this trunk needs a ViT with an absolute position embedding")
+        kh, kw = (int(k) for k in vit.patch_embed.proj.kernel_size)
+        sh, sw = (int(k) for k in vit.patch_embed.proj.stride)
+        if kh != kw or (sh, sw) != (kh, kw):
+            raise ValueError(f"square, non-overlapping patches only; got kernel {(kh, kw)} stride {(sh, sw)}")
+        self.vit = vit
+        self.embed_dim = int(vit.embed_dim)
+        self.depth = len(vit.blocks)
+        self.patch_size = kh
+        self.num_prefix = int(vit.num_prefix_tokens)
+
+    def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+        from timm.layers import resample_abs_pos_embed
+
+        vit = self.vit
+        p = self.patch_size
+        hw = (images.shape[-2] // p, images.shape[-1] // p)
+        tokens = vit.patch_embed.norm(vit.patch_embed.proj(images).flatten(2).transpose(1, 2))
+        embed_prefix = not getattr(vit, "no_embed_class", False)
+        pos = resample_abs_pos_embed(
+            vit.pos_embed, new_size=hw, old_size=vit.patch_embed.grid_size,
+            num_prefix_tokens=self.num_prefix if embed_prefix else 0,
+        )  # fmt: skip
+        b = images.shape[0]
+        parts = [t.expand(b, -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
+        prefix = torch.cat(parts, 1) if parts else None
+        if embed_prefix and prefix is not None:
+            prefix = prefix + pos[:, : self.num_prefix]
+            pos = pos[:, self.num_prefix :]
+        tokens = tokens + pos
+        x = tokens if prefix is None else torch.cat([prefix, tokens], 1)
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+        n = 0 if prefix is None else prefix.shape[1]
+        return x[:, n:], (x[:, :n] if n else None), hw
+
+    def run_blocks(
+        self, tokens: Tensor, prefix: Tensor | None, first: int, last: int, hw: tuple[int, int], checkpoint: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        n = 0 if prefix is None else prefix.shape[1]
+        x = tokens if prefix is None else torch.cat([prefix, tokens], 1)
+        for block in self.vit.blocks[first : last + 1]:
+            x = checkpointed(block, x, enabled=checkpoint)
+        return x[:, n:], (x[:, :n] if n else None)
+
+    def apply_window_attention(
+        self, window_attn: Sequence[bool] | None, window_size: Sequence[int | None] | int | None
+    ) -> None:
+        if window_attn is not None and any(window_attn):
+            raise ValueError("window attention runs on DeiT/AugReg-style ViTs only (patch 16, no prefix tokens)")
+
+    def load_pretrained(self, path):
+        """timm-format files (safetensors, .pth, .npz; DINOv2's own key names are timm's): ``load_vit_weights``
+        without resampling the patch kernel."""
+        from adapterctl.models.pretrained import load_vit_weights
+
+        return load_vit_weights(self.vit, path)

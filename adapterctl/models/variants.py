@@ -65,6 +65,8 @@ COMMON: dict[str, Any] = dict(
     add_vit_feature=True,
     use_extra_extractor=True,
     with_cp=False,
+    freeze_vit=False,
+    freeze_vit_dtype=None,
 )
 
 
@@ -123,6 +125,8 @@ BEIT_VARIANTS: dict[str, dict[str, Any]] = {
         add_vit_feature=True,
         use_extra_extractor=True,
         with_cp=True,
+        freeze_vit=False,
+        freeze_vit_dtype=None,
     ),
     # BEiT-Adapter-B of the COCO-Stuff-10k / Pascal Context Mask2Former rows (with_cp unset there: off)
     "b": dict(
@@ -146,6 +150,8 @@ BEIT_VARIANTS: dict[str, dict[str, Any]] = {
         add_vit_feature=True,
         use_extra_extractor=True,
         with_cp=False,
+        freeze_vit=False,
+        freeze_vit_dtype=None,
     ),
 }
 

@@ -7,6 +7,7 @@ The ViT is wrapped, not forked: its blocks run inside the interaction groups, an
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,6 +25,12 @@ from adapterctl.models.trunks import trunk_for
 
 Shapes = list[tuple[int, int]]
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _resize_to(x: Tensor, size) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _tokens_to_map(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -247,6 +254,7 @@ class InteractionBlock(nn.Module):
         )
         self.extractor = extractor()
         self.extra_extractors = nn.Sequential(extractor(), extractor()) if extra_extractor else None
+        self.inject = True  # False with a frozen ViT: nothing flows back through it to train the injector
 
     def forward(
         self,
@@ -260,7 +268,8 @@ class InteractionBlock(nn.Module):
         """``run_vit(tokens, prefix)``: this group's ViT blocks (the trunk's ``run_blocks``); ``prefix`` tokens ride
         along with the patch tokens and never enter the injector or extractor."""
         ref1, shapes1, ref2, shapes2 = deform_inputs
-        x = self.injector(x, c, ref1, shapes1)
+        if self.inject:
+            x = self.injector(x, c, ref1, shapes1)
         x, prefix = run_vit(x, prefix)
         c = self.extractor(c, x, ref2, shapes2, c_shapes)
         if self.extra_extractors is not None:
@@ -290,6 +299,11 @@ class ViTAdapter(nn.Module):
         window_attn, window_size: per-block window attention switches and sizes (None: all global).
         norm_layer: 2-D norm for the spatial prior module and the four output norms. BatchNorm2d by default;
             convert to SyncBatchNorm only when training distributed.
+        freeze_vit: the plain ViT runs without gradients (``no_grad``, eval mode, its parameters frozen and out
+            of the optimizer) while the spatial prior module, extractors and output norms train, as DINOv2/DINOv3
+            evaluations do. The injectors are not applied (a ViT that passes no gradient back cannot teach them):
+            the ViT computes exactly its own features.
+        freeze_vit_dtype: ``"bfloat16"`` runs the frozen ViT under bf16 autocast (None: the ambient precision).
     """
 
     def __init__(
@@ -312,9 +326,13 @@ class ViTAdapter(nn.Module):
         window_attn: Sequence[bool] | None = None,
         window_size: Sequence[int | None] | int | None = None,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        freeze_vit: bool = False,
+        freeze_vit_dtype: str | None = None,
     ) -> None:
         super().__init__()
         trunk = trunk_for(vit)
+        if freeze_vit_dtype not in (None, "bfloat16", "float32"):
+            raise ValueError(f"freeze_vit_dtype must be null, float32 or bfloat16, got {freeze_vit_dtype!r}")
         if vit_feature_mode not in ("per_interaction", "final"):
             raise ValueError(f"vit_feature_mode must be 'per_interaction' or 'final', got {vit_feature_mode!r}")
         depth = trunk.depth
@@ -367,6 +385,30 @@ class ViTAdapter(nn.Module):
             for i, stride in enumerate((4, 8, 16, 32))
         ]
         self.init_adapter_weights()
+        self.freeze_vit = bool(freeze_vit)
+        self.freeze_vit_dtype = freeze_vit_dtype
+        if self.freeze_vit:
+            vit.requires_grad_(False)
+            for layer in self.interactions:
+                layer.inject = False
+                layer.injector.requires_grad_(False)
+            vit.eval()
+
+    def train(self, mode: bool = True) -> ViTAdapter:
+        super().train(mode)
+        if self.freeze_vit:
+            self.vit.eval()  # no dropout / drop path in a frozen ViT
+        return self
+
+    def _frozen(self):
+        """The context the ViT runs in: ``no_grad`` (+ bf16 autocast) when frozen."""
+        if not self.freeze_vit:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        if self.freeze_vit_dtype == "bfloat16":
+            stack.enter_context(torch.autocast(self.level_embed.device.type, dtype=torch.bfloat16))
+        return stack
 
     # ------------------------------------------------------------------ construction
     def init_adapter_weights(self) -> None:
@@ -403,7 +445,8 @@ class ViTAdapter(nn.Module):
                 f"ViTAdapter input height and width must be multiples of 32, got {h}x{w} "
                 "(pad the image; the segmentor and detector do)"
             )
-        tokens, prefix, hw = self.trunk.embed(x)
+        with self._frozen():
+            tokens, prefix, hw = self.trunk.embed(x)
         c_shapes = [(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)]
         ref1 = reference_points([hw], x.device)
         ref2 = reference_points(c_shapes, x.device)
@@ -415,11 +458,13 @@ class ViTAdapter(nn.Module):
         outs = []
         for layer, (first, last) in zip(self.interactions, self.interaction_indexes, strict=True):
             run_vit = partial(self.trunk.run_blocks, first=first, last=last, hw=hw, checkpoint=self.with_cp)
+            if self.freeze_vit:
+                run_vit = partial(self._run_frozen, run_vit)
             tokens, c, prefix = layer(tokens, c, prefix, run_vit, deform_inputs, c_shapes)
             outs.append(tokens)
 
         # token sets back to maps, as channels-last views (B, h, w, D -> B, D, h, w) without copies
-        n2, n3 = c_shapes[0][0] * c_shapes[0][1], hw[0] * hw[1]
+        n2, n3 = c_shapes[0][0] * c_shapes[0][1], c_shapes[1][0] * c_shapes[1][1]
         c2 = _tokens_to_map(c[:, :n2], c_shapes[0])
         c3 = _tokens_to_map(c[:, n2 : n2 + n3], c_shapes[1])
         c4 = _tokens_to_map(c[:, n2 + n3 :], c_shapes[2])
@@ -430,15 +475,25 @@ class ViTAdapter(nn.Module):
                 x1, x2, x3, x4 = (_tokens_to_map(o, hw) for o in outs)
             else:
                 x1 = x2 = x3 = x4 = _tokens_to_map(outs[-1], hw)
-            c1 = c1 + F.interpolate(x1, scale_factor=4, mode="bilinear", align_corners=False)
-            c2 = c2 + F.interpolate(x2, scale_factor=2, mode="bilinear", align_corners=False)
-            c3 = c3 + x3
-            c4 = c4 + F.interpolate(x4, scale_factor=0.5, mode="bilinear", align_corners=False)
+            # explicit sizes: the ViT grid is the stride-16 map for 16x16 patches (the official scale factors 4,
+            # 2, 1, 0.5 give the same numbers), the 1/p grid otherwise
+            c1 = c1 + _resize_to(x1, c1.shape[-2:])
+            c2 = c2 + _resize_to(x2, c2.shape[-2:])
+            c3 = c3 + _resize_to(x3, c3.shape[-2:])
+            c4 = c4 + _resize_to(x4, c4.shape[-2:])
 
         return [
             norm(f).contiguous()
             for norm, f in zip((self.norm1, self.norm2, self.norm3, self.norm4), (c1, c2, c3, c4), strict=True)
         ]
+
+    def _run_frozen(self, run_vit, tokens: Tensor, prefix: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        with self._frozen():
+            tokens, prefix = run_vit(tokens, prefix)
+        if self.freeze_vit_dtype == "bfloat16":  # the trainable rest runs at the ambient precision
+            tokens = tokens.float()
+            prefix = prefix.float() if prefix is not None else None
+        return tokens, prefix
 
     # ------------------------------------------------------------------ introspection
     def vit_parameters(self) -> list[tuple[str, nn.Parameter]]:
