@@ -76,20 +76,30 @@ def _npz_to_state_dict(vit: nn.Module, path: Path) -> dict[str, Tensor]:
     return scratch.state_dict()
 
 
-def load_vit_weights(vit: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
+def load_eva_weights(vit: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
+    """:func:`load_vit_weights` for timm ``Eva`` models (DINOv3, EVA-02): their original layouts (DINOv3's
+    ``storage_tokens``, EVA-02's MIM keys) go through timm's Eva ``checkpoint_filter_fn``."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    return load_vit_weights(vit, path, strict, filter_fn=checkpoint_filter_fn)
+
+
+def load_vit_weights(vit: nn.Module, path: str | Path, strict: bool = False, filter_fn=None) -> LoadReport:
     """Load timm-layout ViT weights into ``vit`` (a timm VisionTransformer, possibly inside a ViTAdapter).
 
     Returns what was loaded, what the model kept at init (e.g. layer-scale gammas absent from DeiT weights)
     and what the file carried that the model does not use (cls token, final norm, classifier).
+    ``filter_fn``: the family's timm ``checkpoint_filter_fn`` (default: VisionTransformer's).
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    if filter_fn is None:
+        from timm.models.vision_transformer import checkpoint_filter_fn as filter_fn
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
     sd = _npz_to_state_dict(vit, path) if path.suffix == ".npz" else read_state_dict(path)
     # timm resamples pos_embed to the model's grid (keeping the cls slot) and patch kernels to its patch size
-    sd = checkpoint_filter_fn(sd, vit)
+    sd = filter_fn(sd, vit)
     target = vit.state_dict()
     usable = {k: v for k, v in sd.items() if k in target and target[k].shape == v.shape}
     wrong_shape = [

@@ -65,8 +65,16 @@ def register_trunk(model_class: type) -> Callable:
     return wrap
 
 
+#: modules that register the other families' trunks (imported on first use: they import this one)
+FAMILY_MODULES = ("adapterctl.models.trunks_beit", "adapterctl.models.trunks_eva")
+
+
 def trunk_for(vit: nn.Module) -> Trunk:
     """The trunk implementation for ``vit``'s class (the most specific registered one)."""
+    import importlib
+
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
     for model_class, impl in reversed(_TRUNKS):
         if isinstance(vit, model_class):
             return impl(vit)
