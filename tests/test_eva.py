@@ -64,7 +64,6 @@ def test_adapter_pyramid_and_gradients(name):
 
 def test_original_dinov3_layout_loads(tmp_path):
     """DINOv3's own key names (storage_tokens, ls1/ls2.gamma, a fused qkv bias, rope periods, mask_token)."""
-    from adapterctl.models.pretrained import load_eva_weights
 
     src = _eva("vit_small_patch16_dinov3_qkvb")
     sd = src.state_dict()
