@@ -23,15 +23,20 @@ M2F_ROWS := ade20k_mask2former_beit_adapter_l_640 ade20k_mask2former_beit_adapte
 	cocostuff10k_mask2former_beit_adapter_b_512 pascal_context59_mask2former_beit_adapter_b_480 \
 	cocostuff10k_upernet_beit_adapter_l_512 cocostuff164k_upernet_beit_adapter_l_640 \
 	pascal_context59_upernet_beit_adapter_l_480
+RECIPES := ade20k_upernet_dinov2_adapter_l_512 ade20k_mask2former_dinov2_adapter_l_896_frozen \
+	ade20k_mask2former_dinov3_adapter_l_896_frozen
 COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k)))
 PAPER_ROWS := $(ADE20K_ROWS) $(M2F_ROWS) $(COCO_ROWS)
+ALL_ROWS := $(PAPER_ROWS) $(RECIPES)
 
-.PHONY: help install test test-all lint bench bench-m2f demo demo-m2f demo-det experiments faults $(PAPER_ROWS)
+.PHONY: help install test test-all lint bench bench-m2f demo demo-m2f demo-det experiments faults $(ALL_ROWS)
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 	@echo "  Paper rows (real data, GPUS=$(GPUS) per node, NNODES=$(NNODES), extra overrides in ARGS=...):"
 	@for r in $(PAPER_ROWS); do echo "    make $$r"; done
+	@echo "  Recipes beyond the paper (DINOv2 / DINOv3 backbones; no paper number):"
+	@for r in $(RECIPES); do echo "    make $$r"; done
 
 install: $(STAMP) ## Create .venv (when missing) and install adapterctl with its dev and export extras
 
@@ -67,7 +72,7 @@ faults: install ## Kill / preempt / NaN / disk-full / unwritable / second-run sc
 experiments: install ## List the reproduction experiments with their hyperparameters and the paper's results
 	$(VENV)/bin/adapterctl experiments
 
-$(PAPER_ROWS): install ## Paper rows (real ADE20K / COCO-Stuff / Cityscapes / Pascal Context / COCO, $$GPUS GPUs per node via torchrun)
+$(ALL_ROWS): install ## Paper rows (real ADE20K / COCO-Stuff / Cityscapes / Pascal Context / COCO, $$GPUS GPUs per node via torchrun)
 	$(TORCHRUN) -m adapterctl train experiment=$@ $(ARGS)
 
 bench: install ## ViT-Adapter-T vs plain ViT-T at 512x512 (forward, forward+backward, ratio, GFLOP/s)

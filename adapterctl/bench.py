@@ -261,3 +261,72 @@ def run_bench_mask2former_step(
     console.print(f"peak memory {peak}; matching = costs + linear_sum_assignment for {head.num_queries} queries x "
                   f"{len(head.transformer_decoder.layers) + 1} predictions x {b} images")  # fmt: skip
     return {**{f"{k.replace(' ', '_')}_s": v for k, v in med.items()}, "step_s": total}
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, autocast) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward (a step's activation memory)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        outs = _outputs(model(x))
+    sum(o.float().mean() for o in outs).backward()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def run_bench_freeze(
+    entry: str = "vit_adapter_t",
+    input_size: int = 512,
+    batch: int = 2,
+    runs: int = 3,
+    warmup: int = 1,
+    threads: int = 0,
+    dtype: str = "float32",
+) -> dict[str, float]:
+    """A training step (forward + backward) of one backbone entry point with the ViT trainable, frozen, and
+    frozen under bf16: seconds, activation memory kept for backward, trainable parameters, in one run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from adapterctl.models.summary import entry_points
+
+    if threads:
+        torch.set_num_threads(threads)
+    entries = entry_points()
+    if entry not in entries:
+        raise ValueError(f"unknown entry point {entry!r}; choose one of {sorted(entries)}")
+    x = torch.randn(batch, 3, input_size, input_size)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    rows, results = [], {}
+    for label, kw in (("ViT trained", {}), ("ViT frozen", {"freeze_vit": True}),
+                      ("ViT frozen, bf16", {"freeze_vit": True, "freeze_vit_dtype": "bfloat16"})):  # fmt: skip
+        torch.manual_seed(0)
+        model = entries[entry](**kw).train()
+
+        def step(model=model) -> None:
+            with autocast:
+                loss = sum(o.float().mean() for o in _outputs(model(x)))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        seconds = _median_time(step, runs, warmup)
+        saved = saved_activation_bytes(model, x, autocast) / 2**20
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        rows.append((label, seconds, saved, trainable))
+        key = label.replace(", ", "_").replace(" ", "_").lower()
+        results.update({f"{key}_s": seconds, f"{key}_saved_mib": saved, f"{key}_trainable_m": trainable})
+    table = Table(title=f"{entry} training step, batch {batch} x {input_size}x{input_size}, {dtype}, median of {runs}")
+    for col in ("ViT", "step s", "vs trained", "activations MiB", "vs trained", "trainable M"):
+        table.add_column(col, justify="left" if col == "ViT" else "right")
+    base_s, base_m = rows[0][1], rows[0][2]
+    for label, seconds, saved, trainable in rows:
+        table.add_row(label, f"{seconds:.3f}", f"{seconds / base_s:.2f}", f"{saved:.0f}", f"{saved / base_m:.2f}",
+                      f"{trainable:.2f}")  # fmt: skip
+    Console(width=max(Console().width, 110)).print(table)
+    Console().print("activations: bytes autograd saves for backward in one forward (saved_tensors_hooks).")
+    return results

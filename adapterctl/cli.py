@@ -62,7 +62,7 @@ def models(
 
     from adapterctl.models.summary import summarize_entry_points
 
-    table = Table(title="ViT-Adapter entry points (backbone only)")
+    table = Table(title="Backbone entry points (ViT-Adapter, BEiT-Adapter, DINOv2 / DINOv3 / EVA-02 adapters)")
     for col in ("entry point", "total params", "ViT params", "adapter params"):
         table.add_column(col, justify="right" if col != "entry point" else "left")
     if flops:
@@ -115,6 +115,14 @@ def bench(
             "decoder, matching, loss and backward (e.g. synthetic_mask2former_vit_adapter_t_demo).",
         ),
     ] = None,
+    freeze: Annotated[
+        str | None,
+        typer.Option(
+            "--freeze",
+            help="Compare a training step of this entry point (e.g. dinov2_adapter_s) with its ViT trained, frozen "
+            "and frozen in bf16: time, activation memory, trainable parameters.",
+        ),
+    ] = None,
 ) -> None:
     """Time ViT-Adapter against its plain timm ViT in the same run: forward, forward+backward, ratio, GFLOP/s."""
     from adapterctl.bench import run_bench, run_bench_checkpoint
@@ -125,6 +133,11 @@ def bench(
         raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if ckpt is not None:
         _run_guarded(lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype))
+        return
+    if freeze is not None:
+        from adapterctl.bench import run_bench_freeze
+
+        _run_guarded(lambda: run_bench_freeze(freeze, input_size, 2, runs, warmup, threads, dtype))
         return
     if m2f_step is not None:
         from adapterctl.bench import run_bench_mask2former_step

@@ -10,12 +10,15 @@ def list_experiments() -> list[dict]:
     for path in sorted((CONFIG_DIR / "experiment").glob("[!_]*.yaml")):
         cfg = compose("train", [f"experiment={path.stem}"])
         paper = cfg.get("paper") or {}
+        recipe = cfg.get("recipe") or {}  # a recipe that is not a paper row: its source, no number claimed
         m, o, t, d = cfg.model, cfg.optim, cfg.trainer, cfg.data
-        gpus = int(paper.get("gpus", 1))
+        gpus = int(paper.get("gpus") or recipe.get("gpus") or 1)
         if "mIoU_ss" in paper:
             result = f"{paper['mIoU_ss']} / {paper['mIoU_ms'] or '-'} mIoU (SS/MS)"
         elif "box_ap" in paper:
             result = f"{paper['box_ap']} box / {paper['mask_ap']} mask AP"
+        elif recipe:
+            result = "not a paper row"
         else:
             result = "-"
         rows.append(
@@ -45,6 +48,7 @@ def list_experiments() -> list[dict]:
                 "amp": t.amp,
                 "paper_result": result,
                 "paper": dict(paper),
+                "recipe_source": recipe.get("source"),
             }
         )
     return rows

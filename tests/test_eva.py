@@ -89,3 +89,32 @@ def test_original_dinov3_layout_loads(tmp_path):
     assert not report.missing, report
     for key, value in sd.items():
         torch.testing.assert_close(dst.state_dict()[key], value, atol=0, rtol=0, msg=key)
+
+
+_SMALL = dict(interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], conv_inplane=8, deform_num_heads=2,
+              drop_path_rate=0.1)  # fmt: skip
+
+
+def _entries():
+    from adapterctl.models.summary import entry_points
+
+    return sorted(entry_points())
+
+
+@pytest.mark.parametrize("name", _entries())
+def test_every_entry_point_builds_runs_forward_and_backward_small(name):
+    from adapterctl.models.summary import entry_points
+
+    fn = entry_points()[name]
+    width = dict(embed_dim=64, depth=4, num_heads=2)
+    if name.startswith("vit_adapter_"):
+        model = fn(**_SMALL, **width, img_size=64)
+    elif name.startswith("beit_adapter_"):
+        model = fn(**_SMALL, **width, img_size=64)
+    else:
+        model = fn(**_SMALL, img_size=64, vit_kwargs=width)
+    outs = model.train()(torch.randn(2, 3, 64, 64))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    sum(o.pow(2).mean() for o in outs).backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("vit.blocks.0.")]
+    assert grads and all(g is not None for g in grads), name

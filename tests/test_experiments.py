@@ -225,3 +225,27 @@ def test_the_other_beit_rows_carry_the_official_settings():
     for name in MORE_BEIT_ROWS:
         dry = subprocess.run(["make", "-n", name, "GPUS=2"], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0 and f"train experiment={name}" in dry.stdout, dry.stderr
+
+
+def test_recipes_beyond_the_paper_name_their_source_and_claim_no_number():
+    import torch
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+
+    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    for name, vit, frozen in (
+        ("ade20k_upernet_dinov2_adapter_l_512", "vit_large_patch14_dinov2", False),
+        ("ade20k_mask2former_dinov2_adapter_l_896_frozen", "vit_large_patch14_dinov2", True),
+        ("ade20k_mask2former_dinov3_adapter_l_896_frozen", "vit_large_patch16_dinov3", True),
+    ):
+        r = rows[name]
+        assert r["paper_result"] == "not a paper row" and r["recipe_source"] and not r["paper"], name
+        cfg = compose("train", [f"experiment={name}"])
+        assert (cfg.model.vit, cfg.model.freeze_vit or False) == (vit, frozen)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any(n.startswith("backbone.vit.") for n in trainable) != frozen, name
+    dinov3 = compose("train", ["experiment=ade20k_mask2former_dinov3_adapter_l_896_frozen"])
+    assert list(dinov3.data.test.stride) == [596, 596] and list(dinov3.data.test.aug_ratios)[0] == 0.9

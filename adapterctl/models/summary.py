@@ -50,7 +50,25 @@ def summarize(name: str, model: nn.Module, flops_size: int | None = None) -> Mod
     return ModelSummary(name, total, vit, total - vit, gflops)
 
 
-def summarize_entry_points(flops_size: int | None = 512) -> list[ModelSummary]:
+def entry_points() -> dict:
+    """Every backbone entry point: the ViT-Adapter sizes, BEiT-Adapter, and the timm families (DINOv2, DINOv3,
+    EVA-02)."""
+    from functools import partial
+
+    from adapterctl.models.beit_adapter import build_from_config as beit
+    from adapterctl.models.variants import BEIT_VARIANTS
     from adapterctl.models.zoo import ENTRY_POINTS
 
-    return [summarize(name, fn(), flops_size) for name, fn in ENTRY_POINTS.items()]
+    return {**ENTRY_POINTS, **{f"beit_adapter_{s}": partial(beit, s) for s in BEIT_VARIANTS}}
+
+
+def summarize_entry_points(flops_size: int | None = 512) -> list[ModelSummary]:
+    """One summary per entry point; without a FLOP count the models are built on the meta device (no memory)."""
+    out = []
+    for name, fn in entry_points().items():
+        if flops_size:
+            out.append(summarize(name, fn(), flops_size))
+        else:
+            with torch.device("meta"):
+                out.append(summarize(name, fn(), None))
+    return out

@@ -39,6 +39,7 @@ def build_vit_adapter(
     drop_path_rate: float = 0.0,
     interaction_indexes: Sequence[Sequence[int]] = ((0, 2), (3, 5), (6, 8), (9, 11)),
     norm_layer: Callable[[int], nn.Module] | str = "batchnorm",
+    vit_kwargs: dict[str, Any] | None = None,
     **adapter_kwargs: Any,
 ) -> ViTAdapter:
     """Build a ViT-Adapter around a timm VisionTransformer. No file I/O: pretrained ViT weights are loaded
@@ -51,6 +52,7 @@ def build_vit_adapter(
         img_size: the ViT's pretraining size; sets the position-embedding grid (``img_size // 16``).
         layer_scale: per-block ``gamma1``/``gamma2`` (init 1), as every official config has.
         norm_layer: ``"batchnorm"`` (default), ``"syncbatchnorm"`` or a callable, for the SPM and output norms.
+        vit_kwargs: more ``timm.create_model`` arguments for a named ``vit`` (ignored otherwise).
         adapter_kwargs: the remaining :class:`ViTAdapter` arguments.
     """
     import timm
@@ -80,7 +82,7 @@ def build_vit_adapter(
         # the official ViT keeps PyTorch's default init with a zero position embedding
         nn.init.zeros_(model.pos_embed)
     else:
-        model = timm.create_model(vit, pretrained=False, img_size=img_size, **common)
+        model = timm.create_model(vit, pretrained=False, img_size=img_size, **common, **(vit_kwargs or {}))
     model.norm = nn.Identity()  # the adapter has its own output norms; the ViT's final norm is unused
     norm = _resolve_norm(norm_layer)
     adapter = ViTAdapter(
@@ -126,9 +128,37 @@ def vit_adapter_l(task: Task = "segmentation", **overrides: Any) -> ViTAdapter:
     return _entry("l", task, **overrides)
 
 
+#: timm families under the adapter (not in the ViT-Adapter paper): timm name pattern, size names, pretraining
+#: size. The adapter's own hyperparameters are the ViT-Adapter S/B/L ones (variants.VARIANTS).
+TIMM_FAMILIES: dict[str, tuple[str, dict[str, str], int]] = {
+    "dinov2": ("vit_{}_patch14_dinov2", {"s": "small", "b": "base", "l": "large"}, 518),
+    "dinov2_reg4": ("vit_{}_patch14_reg4_dinov2", {"s": "small", "b": "base", "l": "large"}, 518),
+    "dinov3": ("vit_{}_patch16_dinov3", {"s": "small", "b": "base", "l": "large"}, 256),
+    "eva02": ("eva02_{}_patch14_224", {"s": "small", "b": "base", "l": "large"}, 224),
+}
+
+
+def timm_family_adapter(family: str, size: str, **overrides: Any) -> ViTAdapter:
+    """A ViT-Adapter (segmentation layout) around a DINOv2 / DINOv3 / EVA-02 timm model of ``size`` s/b/l: the
+    timm model at its own patch size and pretraining size, the adapter as ViT-Adapter-S/B/L. ``vit_kwargs`` go to
+    ``timm.create_model`` (e.g. a smaller ``embed_dim``/``depth`` for tests)."""
+    if family not in TIMM_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(TIMM_FAMILIES)}")
+    pattern, sizes, img_size = TIMM_FAMILIES[family]
+    if size not in sizes:
+        raise ValueError(f"{family} has sizes {sorted(sizes)}, got {size!r}")
+    kwargs = {**variant_kwargs(size), "vit": pattern.format(sizes[size]), "img_size": img_size, **overrides}
+    return build_vit_adapter(**kwargs)
+
+
 ENTRY_POINTS: dict[str, Callable[..., ViTAdapter]] = {
     "vit_adapter_t": vit_adapter_t,
     "vit_adapter_s": vit_adapter_s,
     "vit_adapter_b": vit_adapter_b,
     "vit_adapter_l": vit_adapter_l,
+    **{
+        f"{family}_adapter_{size}": partial(timm_family_adapter, family, size)
+        for family in TIMM_FAMILIES
+        for size in TIMM_FAMILIES[family][1]
+    },
 }
