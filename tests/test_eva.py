@@ -107,9 +107,7 @@ def test_every_entry_point_builds_runs_forward_and_backward_small(name):
 
     fn = entry_points()[name]
     width = dict(embed_dim=64, depth=4, num_heads=2)
-    if name.startswith("vit_adapter_"):
-        model = fn(**_SMALL, **width, img_size=64)
-    elif name.startswith("beit_adapter_"):
+    if name.startswith("vit_adapter_") or name.startswith("beit_adapter_"):
         model = fn(**_SMALL, **width, img_size=64)
     else:
         model = fn(**_SMALL, img_size=64, vit_kwargs=width)
