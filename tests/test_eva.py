@@ -116,3 +116,23 @@ def test_every_entry_point_builds_runs_forward_and_backward_small(name):
     sum(o.pow(2).mean() for o in outs).backward()
     grads = [p.grad for n, p in model.named_parameters() if n.startswith("vit.blocks.0.")]
     assert grads and all(g is not None for g in grads), name
+
+
+def test_eva02_timm_safetensors_round_trip_and_layer_ids(tmp_path):
+    from safetensors.torch import save_file
+
+    from adapterctl.engine.optim import layer_id
+
+    src = _eva("eva02_tiny_patch14_224")
+    path = tmp_path / "eva02_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = _eva("eva02_tiny_patch14_224")
+    with torch.no_grad():
+        for p in dst.parameters():
+            p.zero_()
+    model = ViTAdapter(dst, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], conv_inplane=8, deform_num_heads=2)
+    report = model.trunk.load_pretrained(path)
+    assert not report.missing
+    for key, value in src.state_dict().items():
+        torch.testing.assert_close(dst.state_dict()[key], value, atol=0, rtol=0, msg=key)
+    assert layer_id("backbone.vit.reg_token", 6) == 0 and layer_id("backbone.vit.blocks.2.mlp.fc1_g.weight", 6) == 3

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 _BLOCK = re.compile(r"(?:^|\.)vit\.blocks\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)vit\.(pos_embed|cls_token|patch_embed)")
+_EMBED = re.compile(r"(?:^|\.)vit\.(pos_embed|cls_token|reg_token|patch_embed)")
 # The official id map also puts Mask2Former's query/level embeddings and its class/mask embeddings in layer 0
 # (so at rate^(L+1) of the lr): kept for reproduction; optim=adamw_mask2former is the Mask2Former recipe instead.
 _HEAD_EMBED = re.compile(r"^decode_head\.(mask_embed|cls_embed|level_embed|query_embed|query_feat)\.")
