@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import os
+
+# Triton kernels run on CPU tensors through Triton's interpreter in the suite (read when kernels are decorated,
+# so before anything imports them); TRITON_INTERPRET=0 runs them on a GPU instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import subprocess
 import sys
 from pathlib import Path

@@ -140,11 +140,46 @@ def ms_deform_attn_core_reference(
     return out.transpose(1, 2).contiguous()
 
 
+def ms_deform_attn_core_triton(value, spatial_shapes, sampling_locations, attention_weights):
+    """The Triton kernels (:mod:`adapterctl.layers.msda_triton`; CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    from adapterctl.layers.msda_triton import ms_deform_attn_core_triton as core
+
+    return core(value, spatial_shapes, sampling_locations, attention_weights)
+
+
 CORE_IMPLS = {
     "gather": ms_deform_attn_core_gather,
     "grid_sample": ms_deform_attn_core,
     "reference": ms_deform_attn_core_reference,
+    "triton": ms_deform_attn_core_triton,
 }
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or no working backend
+        return False
+    return True
+
+
+def auto_impl(device_type: str, grad: bool) -> str:
+    """What ``impl="auto"`` runs: the Triton kernels on CUDA (when Triton imports; not while exporting), else the
+    gather form without autograd and ``grid_sample`` with it (its fused backward beats the gather's scatter-add)."""
+    if device_type == "cuda" and triton_available() and not _exporting():
+        return "triton"
+    return "grid_sample" if grad else "gather"
+
+
+def _exporting() -> bool:
+    """Tracing, exporting or compiling: the graph gets the pure-PyTorch core, never the Triton kernels."""
+    checks = (
+        torch.jit.is_tracing,
+        getattr(torch.compiler, "is_exporting", lambda: False),
+        getattr(torch.compiler, "is_compiling", lambda: False),
+        getattr(torch.onnx, "is_in_onnx_export", lambda: False),
+    )
+    return any(check() for check in checks)
 
 
 class MSDeformAttn(nn.Module):
@@ -156,7 +191,8 @@ class MSDeformAttn(nn.Module):
         n_heads: attention heads; each owns a contiguous slice of the value channels.
         n_points: sampling points per head and level.
         ratio: value/output projection width as a fraction of ``d_model``.
-        impl: ``"auto"`` (default: ``"gather"`` without autograd, ``"grid_sample"`` with it), ``"gather"``
+        impl: ``"auto"`` (default: ``"triton"`` on CUDA; on CPU ``"gather"`` without autograd, ``"grid_sample"``
+            with it; :func:`auto_impl`), ``"triton"`` (the Triton kernels), ``"gather"``
             (one fused weighted gather: the fastest forward on CPU) or ``"grid_sample"`` (the reference form,
             whose fused backward beats the gather's scatter-add backward) or ``"reference"`` (the official
             stacked form, for comparison). All compute the same function.
@@ -241,6 +277,6 @@ class MSDeformAttn(nn.Module):
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         impl = self.impl
         if impl == "auto":
-            impl = "grid_sample" if torch.is_grad_enabled() else "gather"
+            impl = auto_impl(value.device.type, torch.is_grad_enabled())
         out = CORE_IMPLS[impl](value, spatial_shapes, locations, weights)
         return self.output_proj(out)
