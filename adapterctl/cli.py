@@ -123,28 +123,56 @@ def bench(
             "and frozen in bf16: time, activation memory, trainable parameters.",
         ),
     ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the numbers (and the machine) to this JSON file.")
+    ] = None,
 ) -> None:
     """Time ViT-Adapter against its plain timm ViT in the same run: forward, forward+backward, ratio, GFLOP/s."""
     from adapterctl.bench import run_bench, run_bench_checkpoint
+
+    def done(kind: str, results: dict) -> None:
+        if json_out is None:
+            return
+        import json
+        import platform
+
+        import torch
+
+        from adapterctl.engine.precision import cpu_has_fast_bf16
+        from adapterctl.files import write_text
+
+        record = {
+            "benchmark": kind, "size": size, "input": input_size, "runs": runs, "dtype": dtype,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+            "cpu_fast_bf16": cpu_has_fast_bf16(), "results": results,
+        }  # fmt: skip
+        write_text(json_out, json.dumps(record, indent=2, default=float) + "\n")
+        typer.echo(f"wrote {json_out}")
 
     if input_size % 32:
         raise _fail(f"--input must be a multiple of 32, got {input_size}")
     if dtype not in ("float32", "bfloat16"):
         raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if ckpt is not None:
-        _run_guarded(lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype))
+        done(
+            "checkpoint",
+            _run_guarded(lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype)),
+        )
         return
     if freeze is not None:
         from adapterctl.bench import run_bench_freeze
 
-        _run_guarded(lambda: run_bench_freeze(freeze, input_size, 2, runs, warmup, threads, dtype))
+        done("freeze", _run_guarded(lambda: run_bench_freeze(freeze, input_size, 2, runs, warmup, threads, dtype)))
         return
     if m2f_step is not None:
         from adapterctl.bench import run_bench_mask2former_step
 
-        _run_guarded(lambda: run_bench_mask2former_step(m2f_step, None, runs, warmup, threads, dtype))
+        done("mask2former_step", _run_guarded(
+            lambda: run_bench_mask2former_step(m2f_step, None, runs, warmup, threads, dtype)))  # fmt: skip
         return
-    run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype)
+    done("backbone", _run_guarded(
+        lambda: run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype)
+    ))  # fmt: skip
 
 
 def _run_guarded(fn, *args):

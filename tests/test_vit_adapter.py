@@ -244,15 +244,24 @@ def test_gflops_count_matches_official_at_512():
     assert 40.5 < count_gflops(ENTRY_POINTS["vit_adapter_t"](), 512) < 42.0
 
 
-def test_bench_prints_both_models_and_ratio():
+def test_bench_prints_both_models_and_ratio_and_writes_json(tmp_path):
+    import json
+
     from typer.testing import CliRunner
 
     from adapterctl.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "--size", "t", "--input", "64", "--runs", "1", "--warmup", "0"])
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app, ["bench", "--size", "t", "--input", "64", "--runs", "1", "--warmup", "0", "--json", str(out)]
+    )
     assert result.exit_code == 0, result.output
     for needle in ("timm ViT", "ViT-Adapter-T", "ratio"):
         assert needle in result.output
+    record = json.loads(out.read_text())
+    r = record["results"]
+    assert record["benchmark"] == "backbone" and record["input"] == 64 and isinstance(record["cpu_fast_bf16"], bool)
+    assert r["forward_ratio"] == pytest.approx(r["adapter_forward_s"] / r["plain_forward_s"])
 
 
 def test_the_adapter_drives_its_vit_only_through_a_trunk():
