@@ -388,3 +388,42 @@ def convert_mmdet_heads(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor
         else:
             left.append(key)
     return out, left
+
+
+class AdapterCascadeMaskRCNN(AdapterMaskRCNN):
+    """Cascade Mask R-CNN of the ViT-Adapter COCO configs: the Mask R-CNN backbone, FPN and RPN (training
+    proposals capped at 2000) with :class:`~adapterctl.models.cascade.CascadeRoIHeads` in place of the RoI heads.
+
+    Args (beyond :class:`AdapterMaskRCNN`'s): conv_channels / fc_channels: the box heads' 4 convs and fc (256,
+    1024); mask_channels: the mask heads' width (256).
+    """
+
+    def __init__(
+        self, backbone: DetBackbone, num_classes: int, *, conv_channels: int = 256, fc_channels: int = 1024,
+        mask_channels: int = 256, box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
+        box_detections_per_img: int = 100, **kwargs,
+    ) -> None:  # fmt: skip
+        from adapterctl.models.cascade import build_cascade_roi_heads
+
+        kwargs.setdefault("rpn_post_nms_top_n_train", 2000)
+        super().__init__(backbone, num_classes, mask_channels=mask_channels, **kwargs)
+        self.roi_heads = build_cascade_roi_heads(
+            backbone.out_channels, backbone.strides[:-1], num_classes, conv_channels=conv_channels,
+            fc_channels=fc_channels, mask_channels=mask_channels, score_thresh=box_score_thresh,
+            nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
+        )  # fmt: skip
+
+    def _init_heads(self) -> None:  # the cascade heads initialise themselves; the RPN as Mask R-CNN's
+        for m in self.rpn.head.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+
+def convert_mmdet_cascade(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """An mmdet Cascade state dict -> this model's keys: neck and RPN by :data:`MMDET_KEYS`, ``roi_head.*`` ->
+    ``roi_heads.*`` unchanged (the cascade heads keep mmdet's names and class order)."""
+    common = {k: v for k, v in state_dict.items() if not k.startswith("roi_head.")}
+    out, left = convert_mmdet_heads(common)
+    out.update({"roi_heads." + k[len("roi_head.") :]: v for k, v in state_dict.items() if k.startswith("roi_head.")})
+    return out, left
