@@ -299,7 +299,7 @@ def _stage_losses(self: CascadeRoIHeads, features, proposals, image_shapes, targ
     for i, (head, mask_head) in enumerate(zip(self.bbox_head, self.mask_head, strict=True)):
         thr, w = self.iou_thresholds[i], self.stage_loss_weights[i]
         sampled, labels, gt_boxes, pos_counts, is_gt, matched = [], [], [], [], [], []
-        for b, (p, t) in enumerate(zip(props, targets, strict=True)):
+        for p, t in zip(props, targets, strict=True):
             gts, gl = t["boxes"], t["labels"] - 1  # torchvision labels 1..K -> mmdet 0..K-1
             cand = torch.cat([gts, p])
             iou = box_iou_mm(cand, gts) if gts.numel() else cand.new_zeros((cand.shape[0], 0))
@@ -316,9 +316,7 @@ def _stage_losses(self: CascadeRoIHeads, features, proposals, image_shapes, targ
             neg = neg_all if neg_all.numel() <= n_neg else choice(f"rcnn{i}", neg_all, n_neg)
             neg = neg.unique()
             idx = torch.cat([pos, neg])
-            gt_of = arg[pos] if gts.numel() else pos
-            if gts.numel():
-                gt_of = torch.where(pos < gts.shape[0], pos, arg[pos])  # GT rows are their own GT
+            gt_of = torch.where(pos < gts.shape[0], pos, arg[pos]) if gts.numel() else pos  # GT rows: their own GT
             sampled.append(cand[idx])
             labels.append(torch.cat([gl[gt_of], gl.new_full((neg.numel(),), k)]))
             gt_boxes.append(gts[gt_of])
@@ -332,10 +330,7 @@ def _stage_losses(self: CascadeRoIHeads, features, proposals, image_shapes, targ
         rois = torch.cat(sampled)
         pos_mask = labels_all < k
         decoded = delta2bbox(rois, reg, self.stds[i]).reshape(rois.shape[0], -1, 4)
-        if head.class_agnostic:
-            pos_pred = decoded[pos_mask, 0]
-        else:
-            pos_pred = decoded[pos_mask, labels_all[pos_mask]]
+        pos_pred = decoded[pos_mask, 0] if head.class_agnostic else decoded[pos_mask, labels_all[pos_mask]]
         loss_bbox = 10.0 * giou_loss(pos_pred, torch.cat(gt_boxes)).sum() / rois.shape[0]
         # masks on this stage's positives
         pos_rois = [s[:n] for s, n in zip(sampled, pos_counts, strict=True)]

@@ -1,0 +1,117 @@
+"""Cascade Mask R-CNN (the ViT-Adapter config) against mmdet 2.22 (fixture official_cascade_a.pt,
+cascade_htc_README.md §3-4, tolerances §7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterctl.models.cascade import ReplayChoice, box_iou_mm, multiclass_nms
+from adapterctl.models.detector import AdapterCascadeMaskRCNN, DetBackbone, convert_mmdet_cascade, paste_masks
+
+from .conftest import FIXTURES
+from .test_detector import _Maps
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return torch.load(FIXTURES / "official_cascade_a.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(fx):
+    cfg = fx["config"]["model"]
+    bh = cfg["roi_head"]["bbox_head"][0]
+    net = AdapterCascadeMaskRCNN(
+        DetBackbone(_Maps(fx["inputs"]), cfg["neck"]["out_channels"]), fx["meta"]["num_classes"],
+        image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0), conv_channels=bh["conv_out_channels"],
+        fc_channels=bh["fc_out_channels"], mask_channels=cfg["roi_head"]["mask_head"]["conv_out_channels"],
+    )  # fmt: skip
+    converted, left = convert_mmdet_cascade(fx["state_dict"])
+    assert left == []
+    net.load_state_dict(converted, strict=True)  # all 148 official tensors, nothing else
+    return net.eval()
+
+
+def _hw(fx):
+    return tuple(fx["meta"]["img_shape"])
+
+
+def test_every_stage_on_the_stored_proposals(fx, model):
+    with torch.no_grad():
+        feats = model.backbone(torch.zeros(1))
+        stages = model.roi_heads.stage_outputs(feats, fx["proposals"][:, :4], _hw(fx))
+    for ours, want in zip(stages, fx["stages"], strict=True):
+        torch.testing.assert_close(ours["rois"], want["rois"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(ours["cls_score"], want["cls_score"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours["bbox_pred"], want["bbox_pred"], atol=1e-4, rtol=0)
+    mean = sum(s["cls_score"] for s in stages) / 3.0
+    torch.testing.assert_close(mean, fx["final_cls_score"], atol=1e-4, rtol=0)
+
+
+def test_end_to_end_detections_and_masks(fx, model):
+    h, w = _hw(fx)
+    with torch.no_grad():
+        det = model([torch.zeros(3, h, w)])[0]
+    ref = fx["detections"]
+    assert len(det["boxes"]) == len(ref["boxes"]) == 98
+    assert torch.equal(det["labels"] - 1, ref["labels"])
+    torch.testing.assert_close(det["boxes"], ref["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(det["scores"], ref["scores"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(det["mask_probs"], fx["mask_probs"], atol=1e-4, rtol=0)
+    n = fx["masks_packed"].shape[0]
+    bits = (fx["masks_packed"][:, :, None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
+    ref_masks = bits.reshape(n, -1)[:, : h * w].reshape(n, h, w).bool()
+    differ = det["masks"][:, 0] != ref_masks
+    support = paste_masks(fx["mask_probs"], ref["boxes"], h, w, threshold=0.0)
+    assert differ.sum() <= 30 and bool(support[differ].all())  # §6: about 30 pixels sit within 1e-5 of 0.5
+
+
+def test_stage_training_losses_with_the_stored_draws(fx, model):
+    """The three stages' assignment, sampling (the stored rcnn0 draw replayed), targets, losses and the
+    refinement chain, from the stored training proposals."""
+    t = fx["train"]
+    heads = model.roi_heads
+    heads.sampler = ReplayChoice([c["result"] for c in t["random_choice_calls"] if c["sampler"] != "rpn"])
+    targets = [{"boxes": fx["gt_bboxes"], "labels": fx["gt_labels"] + 1, "masks": fx["gt_masks"]}]
+    record: dict = {}
+    try:
+        with torch.no_grad():
+            feats = model.backbone(torch.zeros(1))
+            losses = heads.losses(feats, [t["rpn"]["proposals"][:, :4]], [_hw(fx)], targets, record=record)
+    finally:
+        heads.sampler = None
+    for i in range(3):
+        ours, want = record["stages"][i], t["bbox"][i]
+        torch.testing.assert_close(ours["rois"], want["rois"], atol=1e-3, rtol=0)
+        assert torch.equal(ours["labels"], want["labels"])
+        torch.testing.assert_close(ours["mask_targets"], t["mask"][i]["targets"], atol=0, rtol=0)
+        for key in ("loss_cls", "loss_bbox", "loss_mask", "acc"):
+            want_v = fx["losses"][f"s{i}.{key}"].reshape(())
+            torch.testing.assert_close(losses[f"{key}.s{i}"], want_v, rtol=1e-5, atol=0, msg=f"s{i}.{key}")
+
+
+def test_training_backward_with_random_draws(fx, model):
+    torch.manual_seed(0)
+    heads = model.roi_heads.train()
+    targets = [{"boxes": fx["gt_bboxes"], "labels": fx["gt_labels"] + 1, "masks": fx["gt_masks"]}]
+    try:
+        feats = model.backbone(torch.zeros(1))
+        losses = heads.losses(feats, [fx["train"]["rpn"]["proposals"][:, :4]], [_hw(fx)], targets)
+        total = sum(v for k, v in losses.items() if k.startswith("loss"))
+        total.backward()
+    finally:
+        heads.eval()
+    for s in range(3):
+        assert heads.bbox_head[s].fc_reg.weight.grad.abs().sum() > 0
+        assert heads.mask_head[s].conv_logits.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_multiclass_nms_is_row_major_strict_and_class_offset():
+    boxes = torch.tensor([[0.0, 0, 10, 10] * 2, [1.0, 1, 11, 11] * 2])  # two RoIs, two classes
+    scores = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.6, 0.1]])
+    b, s, labels = multiclass_nms(boxes, scores, score_thr=0.05, iou_thr=0.5, max_num=10)
+    # 0.05 is not above the threshold; the overlapping class-0 box is suppressed, class 1 is not
+    assert labels.tolist() == [0, 1] and s.tolist() == pytest.approx([0.9, 0.6])
+    assert torch.allclose(box_iou_mm(b[:1], b[:1]), torch.ones(1, 1))
