@@ -202,10 +202,7 @@ class TimmPrefixViTTrunk:
     def __init__(self, vit: nn.Module) -> None:
         if getattr(vit, "pos_embed", None) is None:
             raise ValueError("this trunk needs a ViT with an absolute position embedding")
-        kh, kw = (int(k) for k in vit.patch_embed.proj.kernel_size)
-        sh, sw = (int(k) for k in vit.patch_embed.proj.stride)
-        if kh != kw or (sh, sw) != (kh, kw):
-            raise ValueError(f"square, non-overlapping patches only; got kernel {(kh, kw)} stride {(sh, sw)}")
+        kh = patch_size_of(vit)
         self.vit = vit
         self.embed_dim = int(vit.embed_dim)
         self.depth = len(vit.blocks)
@@ -213,27 +210,8 @@ class TimmPrefixViTTrunk:
         self.num_prefix = int(vit.num_prefix_tokens)
 
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
-        from timm.layers import resample_abs_pos_embed
-
-        vit = self.vit
-        p = self.patch_size
-        hw = (images.shape[-2] // p, images.shape[-1] // p)
-        tokens = vit.patch_embed.norm(vit.patch_embed.proj(images).flatten(2).transpose(1, 2))
-        embed_prefix = not getattr(vit, "no_embed_class", False)
-        pos = resample_abs_pos_embed(
-            vit.pos_embed, new_size=hw, old_size=vit.patch_embed.grid_size,
-            num_prefix_tokens=self.num_prefix if embed_prefix else 0,
-        )  # fmt: skip
-        b = images.shape[0]
-        parts = [t.expand(b, -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
-        prefix = torch.cat(parts, 1) if parts else None
-        if embed_prefix and prefix is not None:
-            prefix = prefix + pos[:, : self.num_prefix]
-            pos = pos[:, self.num_prefix :]
-        tokens = tokens + pos
-        x = tokens if prefix is None else torch.cat([prefix, tokens], 1)
-        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
-        n = 0 if prefix is None else prefix.shape[1]
+        x, n, hw = embed_with_prefix(self.vit, images, self.patch_size, self.num_prefix)
+        x = self.vit.norm_pre(self.vit.patch_drop(x))
         return x[:, n:], (x[:, :n] if n else None), hw
 
     def run_blocks(
@@ -257,3 +235,38 @@ class TimmPrefixViTTrunk:
         from adapterctl.models.pretrained import load_vit_weights
 
         return load_vit_weights(self.vit, path)
+
+
+def patch_size_of(vit: nn.Module) -> int:
+    """The side of ``vit``'s square, non-overlapping patches (anything else is refused)."""
+    kh, kw = (int(k) for k in vit.patch_embed.proj.kernel_size)
+    sh, sw = (int(k) for k in vit.patch_embed.proj.stride)
+    if kh != kw or (sh, sw) != (kh, kw):
+        raise ValueError(f"square, non-overlapping patches only; got kernel {(kh, kw)} stride {(sh, sw)}")
+    return kh
+
+
+def embed_with_prefix(vit: nn.Module, images: Tensor, patch: int, num_prefix: int) -> tuple[Tensor, int, tuple]:
+    """timm's patch embedding + ``_pos_embed`` for any input size: patch tokens on the 1/patch grid, the
+    (optional) absolute position embedding resampled as timm's dynamic-size forward does, cls and register tokens
+    prepended (their position slots added unless ``no_embed_class``), ``pos_drop``. Returns (prefix + patch
+    tokens, the number of prefix tokens, the token grid)."""
+    from timm.layers import resample_abs_pos_embed
+
+    hw = (images.shape[-2] // patch, images.shape[-1] // patch)
+    tokens = vit.patch_embed.norm(vit.patch_embed.proj(images).flatten(2).transpose(1, 2))
+    b = images.shape[0]
+    parts = [t.expand(b, -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
+    prefix = torch.cat(parts, 1) if parts else None
+    if vit.pos_embed is not None:
+        embed_prefix = not getattr(vit, "no_embed_class", False)
+        pos = resample_abs_pos_embed(
+            vit.pos_embed, new_size=hw, old_size=vit.patch_embed.grid_size,
+            num_prefix_tokens=num_prefix if embed_prefix else 0,
+        )  # fmt: skip
+        if embed_prefix and prefix is not None:
+            prefix = prefix + pos[:, :num_prefix]
+            pos = pos[:, num_prefix:]
+        tokens = tokens + pos
+    x = tokens if prefix is None else torch.cat([prefix, tokens], 1)
+    return vit.pos_drop(x), (0 if prefix is None else prefix.shape[1]), hw

@@ -19,7 +19,7 @@ from timm.models.eva import Eva
 from torch import Tensor
 
 from adapterctl.layers.checkpointing import checkpointed
-from adapterctl.models.trunks import register_trunk
+from adapterctl.models.trunks import embed_with_prefix, patch_size_of, register_trunk
 
 
 @register_trunk(Eva)
@@ -27,9 +27,7 @@ class TimmEvaTrunk:
     """Not an ``nn.Module``: the Eva keeps its timm parameter names (``vit.*``)."""
 
     def __init__(self, vit: Eva) -> None:
-        kh, kw = (int(k) for k in vit.patch_embed.proj.kernel_size)
-        if kh != kw or tuple(vit.patch_embed.proj.stride) != (kh, kw):
-            raise ValueError(f"square, non-overlapping patches only; got kernel {(kh, kw)}")
+        kh = patch_size_of(vit)
         if vit.pos_embed is None and vit.rope is None:
             raise ValueError("this Eva has neither an absolute position embedding nor RoPE")
         self.vit = vit
@@ -39,28 +37,8 @@ class TimmEvaTrunk:
         self.num_prefix = int(vit.num_prefix_tokens)
 
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
-        from timm.layers import resample_abs_pos_embed
-
-        vit = self.vit
-        p = self.patch_size
-        hw = (images.shape[-2] // p, images.shape[-1] // p)
-        tokens = vit.patch_embed.norm(vit.patch_embed.proj(images).flatten(2).transpose(1, 2))
-        b = images.shape[0]
-        parts = [t.expand(b, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
-        prefix = torch.cat(parts, 1) if parts else None
-        if vit.pos_embed is not None:
-            embed_prefix = not vit.no_embed_class
-            pos = resample_abs_pos_embed(
-                vit.pos_embed, new_size=hw, old_size=vit.patch_embed.grid_size,
-                num_prefix_tokens=self.num_prefix if embed_prefix else 0,
-            )  # fmt: skip
-            if embed_prefix and prefix is not None:
-                prefix = prefix + pos[:, : self.num_prefix]
-                pos = pos[:, self.num_prefix :]
-            tokens = tokens + pos
-        x = tokens if prefix is None else torch.cat([prefix, tokens], 1)
-        x = vit.norm_pre(vit.pos_drop(x))
-        n = 0 if prefix is None else prefix.shape[1]
+        x, n, hw = embed_with_prefix(self.vit, images, self.patch_size, self.num_prefix)
+        x = self.vit.norm_pre(x)
         return x[:, n:], (x[:, :n] if n else None), hw
 
     def rope(self, hw: tuple[int, int]) -> Tensor | None:
