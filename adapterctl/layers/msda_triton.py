@@ -27,6 +27,20 @@ def _corner(value_ptr, row_base, x, y, w, h, d, dmask, M: tl.constexpr, D: tl.co
 
 
 @triton.jit
+def _point(loc_ptr, attn_ptr, shapes_ptr, starts_ptr, n, idx, lvl, LEN_IN, ACC: tl.constexpr):
+    """Level ``lvl``'s size and first value row, and point ``idx``'s weight, top-left corner and fractions."""
+    h = tl.load(shapes_ptr + 2 * lvl)
+    w = tl.load(shapes_ptr + 2 * lvl + 1)
+    row_base = n * LEN_IN + tl.load(starts_ptr + lvl).to(tl.int64)
+    x = tl.load(loc_ptr + 2 * idx).to(ACC) * w - 0.5
+    y = tl.load(loc_ptr + 2 * idx + 1).to(ACC) * h - 0.5
+    a = tl.load(attn_ptr + idx).to(ACC)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return h, w, row_base, a, x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
+
+
+@triton.jit
 def _msda_fwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, LEN_IN, LQ,
     M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -39,20 +53,11 @@ def _msda_fwd_kernel(
     dmask = d < D
     acc = tl.zeros([BLOCK_D], dtype=ACC)
     for lvl in tl.static_range(L):
-        h = tl.load(shapes_ptr + 2 * lvl)
-        w = tl.load(shapes_ptr + 2 * lvl + 1)
-        row_base = n * LEN_IN + tl.load(starts_ptr + lvl).to(tl.int64)
         for pt in tl.static_range(P):
             idx = pid * (L * P) + lvl * P + pt
-            x = tl.load(loc_ptr + 2 * idx).to(ACC) * w - 0.5
-            y = tl.load(loc_ptr + 2 * idx + 1).to(ACC) * h - 0.5
-            a = tl.load(attn_ptr + idx).to(ACC)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            h, w, row_base, a, x0, y0, fx, fy = _point(
+                loc_ptr, attn_ptr, shapes_ptr, starts_ptr, n, idx, lvl, LEN_IN, ACC
+            )
             v00, _, _ = _corner(value_ptr + m * D, row_base, x0, y0, w, h, d, dmask, M, D)
             v01, _, _ = _corner(value_ptr + m * D, row_base, x0 + 1, y0, w, h, d, dmask, M, D)
             v10, _, _ = _corner(value_ptr + m * D, row_base, x0, y0 + 1, w, h, d, dmask, M, D)
@@ -83,20 +88,11 @@ def _msda_bwd_kernel(
     vbase = value_ptr + m * D
     gbase = grad_value_ptr + m * D
     for lvl in tl.static_range(L):
-        h = tl.load(shapes_ptr + 2 * lvl)
-        w = tl.load(shapes_ptr + 2 * lvl + 1)
-        row_base = n * LEN_IN + tl.load(starts_ptr + lvl).to(tl.int64)
         for pt in tl.static_range(P):
             idx = pid * (L * P) + lvl * P + pt
-            x = tl.load(loc_ptr + 2 * idx).to(ACC) * w - 0.5
-            y = tl.load(loc_ptr + 2 * idx + 1).to(ACC) * h - 0.5
-            a = tl.load(attn_ptr + idx).to(ACC)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            h, w, row_base, a, x0, y0, fx, fy = _point(
+                loc_ptr, attn_ptr, shapes_ptr, starts_ptr, n, idx, lvl, LEN_IN, ACC
+            )
             v00, r00, k00 = _corner(vbase, row_base, x0, y0, w, h, d, dmask, M, D)
             v01, r01, k01 = _corner(vbase, row_base, x0 + 1, y0, w, h, d, dmask, M, D)
             v10, r10, k10 = _corner(vbase, row_base, x0, y0 + 1, w, h, d, dmask, M, D)
