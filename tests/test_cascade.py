@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterctl.models.cascade import ReplayChoice, box_iou_mm, multiclass_nms
+from adapterctl.models.assign import ReplayChoice, box_iou_mm
+from adapterctl.models.cascade import multiclass_nms
 from adapterctl.models.detector import AdapterCascadeMaskRCNN, DetBackbone, convert_mmdet_cascade, paste_masks
 
 from .conftest import FIXTURES
@@ -92,20 +93,18 @@ def test_stage_training_losses_with_the_stored_draws(fx, model):
 
 
 def test_training_backward_with_random_draws(fx, model):
+    import copy
+
     torch.manual_seed(0)
-    heads = model.roi_heads.train()
-    targets = [{"boxes": fx["gt_bboxes"], "labels": fx["gt_labels"] + 1, "masks": fx["gt_masks"]}]
-    try:
-        feats = model.backbone(torch.zeros(1))
-        losses = heads.losses(feats, [fx["train"]["rpn"]["proposals"][:, :4]], [_hw(fx)], targets)
-        total = sum(v for k, v in losses.items() if k.startswith("loss"))
-        total.backward()
-    finally:
-        heads.eval()
+    net = copy.deepcopy(model)  # BatchNorm in train mode moves the running statistics of the shared model
+    heads = net.roi_heads.train()
+    feats = net.backbone(torch.zeros(1))
+    losses = heads.losses(feats, [fx["train"]["rpn"]["proposals"][:, :4]], [_hw(fx)], _targets(fx))
+    total = sum(v for k, v in losses.items() if k.startswith("loss"))
+    total.backward()
     for s in range(3):
         assert heads.bbox_head[s].fc_reg.weight.grad.abs().sum() > 0
         assert heads.mask_head[s].conv_logits.weight.grad.abs().sum() > 0
-    model.zero_grad(set_to_none=True)
 
 
 def test_multiclass_nms_is_row_major_strict_and_class_offset():
@@ -115,3 +114,68 @@ def test_multiclass_nms_is_row_major_strict_and_class_offset():
     # 0.05 is not above the threshold; the overlapping class-0 box is suppressed, class 1 is not
     assert labels.tolist() == [0, 1] and s.tolist() == pytest.approx([0.9, 0.6])
     assert torch.allclose(box_iou_mm(b[:1], b[:1]), torch.ones(1, 1))
+
+
+def _targets(fx):
+    return [{"boxes": fx["gt_bboxes"], "labels": fx["gt_labels"] + 1, "masks": fx["gt_masks"]}]
+
+
+def _train_mode(model, bn_train: bool = False):
+    """The fixture's training pass (§2.3): train mode, BatchNorm back in eval unless ``bn_train``."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and not bn_train:
+            m.eval()
+    return model
+
+
+def test_rpn_training_as_the_cascade_config(fx, model):
+    """allowed_border=0 against img_shape, MaxIoUAssigner with every best-IoU anchor of a GT, the stored draw of
+    256 sampled anchors, SmoothL1 (beta 1/9) and BCE per level over the sampled count, 2000 training proposals."""
+    r = fx["train"]["rpn"]
+    model.rpn.sampler = ReplayChoice([c["result"] for c in fx["train"]["random_choice_calls"] if c["sampler"] == "rpn"])
+    record: dict = {}
+    try:
+        _train_mode(model)
+        with torch.no_grad():
+            images, targets = model.transform([torch.zeros(3, *_hw(fx))], _targets(fx))
+            props, losses = model.rpn(images, model.backbone(images.tensors), targets, record=record)
+    finally:
+        model.rpn.sampler = None
+        model.eval()
+    ours = record["images"][0]
+    assert torch.equal(ours["inside_flags"], r["inside_flags"]) and int(r["inside_flags"].sum()) == 14634
+    assert torch.equal(ours["assign_gt_inds"], r["assign_gt_inds"])
+    torch.testing.assert_close(ours["assign_max_overlaps"], r["assign_max_overlaps"], atol=1e-6, rtol=0)
+    assert torch.equal(ours["pos_inds"], r["pos_inds"]) and torch.equal(ours["neg_inds"], r["neg_inds"])
+    for key in ("loss_rpn_cls", "loss_rpn_bbox"):
+        ours_l = torch.stack(record[key.replace("_rpn", "")])
+        torch.testing.assert_close(ours_l, torch.stack(fx["losses"][key]), rtol=1e-5, atol=1e-8, msg=key)
+    torch.testing.assert_close(losses["loss_objectness"], sum(fx["losses"]["loss_rpn_cls"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["loss_rpn_box_reg"], sum(fx["losses"]["loss_rpn_bbox"]), rtol=1e-5, atol=0)
+    assert props[0].shape == r["proposals"][:, :4].shape  # 1386 of the 2000 allowed survive
+    torch.testing.assert_close(props[0], r["proposals"][:, :4], atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("bn_train", [False, True], ids=["bn_eval", "bn_train"])
+def test_whole_training_pass_gives_the_official_total(fx, model, bn_train):
+    """``model(images, targets)`` end to end: RPN, training proposals, three stages, with the official draws
+    replayed, and again from ``torch.manual_seed(loss_seed)`` through the default sampler. ``bn_train``: the box
+    heads' BatchNorms on batch statistics (``losses_bn_train``)."""
+    import copy
+
+    suffix = "_bn_train" if bn_train else ""
+    calls = fx["train_bn_train_random_choice_calls" if bn_train else "train"]
+    calls = calls if bn_train else calls["random_choice_calls"]
+    want = fx["losses" + suffix]
+    for replay in (True, False):
+        net = _train_mode(copy.deepcopy(model), bn_train)  # BN in train mode moves the running statistics
+        net.set_sampler(ReplayChoice([c["result"] for c in calls]) if replay else None)
+        torch.manual_seed(fx["meta"]["loss_seed"])
+        with torch.no_grad():
+            losses = net([torch.zeros(3, *_hw(fx))], _targets(fx))
+        total = sum(v for k, v in losses.items() if k.startswith("loss"))
+        torch.testing.assert_close(total, fx["loss_total" + suffix].reshape(()), rtol=1e-5, atol=0)
+        for i in range(3):
+            for key in ("loss_cls", "loss_bbox", "loss_mask", "acc"):
+                torch.testing.assert_close(losses[f"{key}.s{i}"], want[f"s{i}.{key}"].reshape(()), rtol=1e-5, atol=0)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from adapterctl.models.assign import RandomChoice, max_iou_assign, sample_pos_neg
+
 STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 _MAX_RATIO = abs(math.log(16 / 1000))
 
@@ -161,7 +163,8 @@ class CascadeRoIHeads(nn.Module):
         mask_heads: Sequence[nn.Module], num_classes: int, *, stds: Sequence[Sequence[float]] = STAGE_STDS,
         stage_loss_weights: Sequence[float] = (1.0, 0.5, 0.25), iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7),
         score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-        batch_size_per_image: int = 512, positive_fraction: float = 0.25, sampler=None,
+        batch_size_per_image: int = 512, positive_fraction: float = 0.25, low_quality: bool = False,
+        sampler: RandomChoice | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.box_roi_pool, self.mask_roi_pool = box_roi_pool, mask_roi_pool
@@ -173,6 +176,7 @@ class CascadeRoIHeads(nn.Module):
         self.iou_thresholds = [float(t) for t in iou_thresholds]
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.low_quality = low_quality  # mmdet match_low_quality of the stage assigners (Cascade: off, HTC++: on)
         self.sampler = sampler
 
     def stage_outputs(self, features, rois: Tensor, image_shape: tuple[int, int]) -> list[dict[str, Tensor]]:
@@ -237,43 +241,6 @@ def build_cascade_roi_heads(
     )
 
 
-class RandomChoice:
-    """mmdet ``RandomSampler.random_choice``: ``gallery[torch.randperm(len)[:num]]`` on the global generator (or
-    ``generator``). Subclass it (or use :class:`ReplayChoice`) to inject the draws."""
-
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
-
-    def __call__(self, name: str, gallery: Tensor, num: int) -> Tensor:
-        perm = torch.randperm(gallery.numel(), generator=self.generator)[:num].to(gallery.device)
-        return gallery[perm]
-
-
-class ReplayChoice(RandomChoice):
-    """Stored draws in call order (the fixtures' ``random_choice_calls`` results)."""
-
-    def __init__(self, results: Sequence[Tensor]) -> None:
-        super().__init__()
-        self.results = list(results)
-
-    def __call__(self, name: str, gallery: Tensor, num: int) -> Tensor:
-        if not self.results:
-            raise RuntimeError(f"no stored draw left for {name} ({num} of {gallery.numel()})")
-        return self.results.pop(0).to(gallery.device)
-
-
-def box_iou_mm(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
-    """mmdet ``bbox_overlaps`` (IoU, no +1, eps on the union): (N, M)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = torch.clamp(area_a[:, None] + area_b[None, :] - overlap, min=eps)
-    return overlap / union
-
-
 def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
     """1 - GIoU of aligned (N, 4) boxes, mmdet's eps on the union and the enclosing area."""
     area_p = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
@@ -301,27 +268,17 @@ def _stage_losses(self: CascadeRoIHeads, features, proposals, image_shapes, targ
         sampled, labels, gt_boxes, pos_counts, is_gt, matched = [], [], [], [], [], []
         for p, t in zip(props, targets, strict=True):
             gts, gl = t["boxes"], t["labels"] - 1  # torchvision labels 1..K -> mmdet 0..K-1
+            g = gts.shape[0]
+            gt_inds, _ = max_iou_assign(p, gts, thr, thr, thr, self.low_quality)
+            gt_inds = torch.cat([torch.arange(1, g + 1, device=p.device), gt_inds])  # the GTs prepended (add_gt_)
             cand = torch.cat([gts, p])
-            iou = box_iou_mm(cand, gts) if gts.numel() else cand.new_zeros((cand.shape[0], 0))
-            best, arg = iou.max(1) if gts.numel() else (cand.new_zeros(cand.shape[0]), cand.new_zeros(0).long())
-            pos_all = torch.where(best >= thr)[0]
-            if gts.numel():
-                pos_all = torch.unique(torch.cat([torch.arange(gts.shape[0], device=cand.device), pos_all]))
-            neg_all = torch.where((best >= 0) & (best < thr))[0]
-            neg_all = neg_all[~torch.isin(neg_all, pos_all)]
-            quota = int(self.batch_size_per_image * self.positive_fraction)
-            pos = pos_all if pos_all.numel() <= quota else choice(f"rcnn{i}", pos_all, quota)
-            pos = pos.unique()
-            n_neg = self.batch_size_per_image - pos.numel()
-            neg = neg_all if neg_all.numel() <= n_neg else choice(f"rcnn{i}", neg_all, n_neg)
-            neg = neg.unique()
-            idx = torch.cat([pos, neg])
-            gt_of = torch.where(pos < gts.shape[0], pos, arg[pos]) if gts.numel() else pos  # GT rows: their own GT
-            sampled.append(cand[idx])
+            pos, neg = sample_pos_neg(gt_inds, self.batch_size_per_image, self.positive_fraction, choice, f"rcnn{i}")
+            gt_of = gt_inds[pos] - 1
+            sampled.append(cand[torch.cat([pos, neg])])
             labels.append(torch.cat([gl[gt_of], gl.new_full((neg.numel(),), k)]))
             gt_boxes.append(gts[gt_of])
             pos_counts.append(pos.numel())
-            is_gt.append(torch.cat([pos < gts.shape[0], torch.zeros_like(neg, dtype=torch.bool)]))
+            is_gt.append(torch.cat([pos < g, torch.zeros_like(neg, dtype=torch.bool)]))
             matched.append(gt_of)
         cls, reg = head(self.box_roi_pool(features, sampled, image_shapes))
         labels_all = torch.cat(labels)

@@ -277,7 +277,7 @@ class AdapterMaskRCNN(GeneralizedRCNN):
         anchors = MMAnchorGenerator(
             sizes=[(8 * s,) for s in strides], aspect_ratios=[(0.5, 1.0, 2.0)] * len(strides), strides=strides
         )
-        rpn = MMRPN(
+        rpn = self._make_rpn(
             anchor_generator=anchors,
             head=RPNHead(c, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7,
@@ -308,6 +308,9 @@ class AdapterMaskRCNN(GeneralizedRCNN):
         super().__init__(backbone, rpn, roi_heads, MMTransform(image_mean, image_std, 32, mask_threshold))
         self.num_classes = num_classes
         self._init_heads()
+
+    def _make_rpn(self, **kwargs) -> RegionProposalNetwork:
+        return MMRPN(**kwargs)
 
     def _init_heads(self) -> None:
         """mmdet's head init (training from scratch): xavier fcs, N(0, .01) classifier, N(0, .001) regressor."""
@@ -391,8 +394,10 @@ def convert_mmdet_heads(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor
 
 
 class AdapterCascadeMaskRCNN(AdapterMaskRCNN):
-    """Cascade Mask R-CNN of the ViT-Adapter COCO configs: the Mask R-CNN backbone, FPN and RPN (training
-    proposals capped at 2000) with :class:`~adapterctl.models.cascade.CascadeRoIHeads` in place of the RoI heads.
+    """Cascade Mask R-CNN of the ViT-Adapter COCO configs: the Mask R-CNN backbone, FPN and anchors, the RPN
+    trained as mmdet's (:class:`~adapterctl.models.rpn.SampledRPN`, training proposals capped at 2000) and
+    :class:`~adapterctl.models.cascade.CascadeRoIHeads` in place of the RoI heads. The sampling draws of the RPN
+    and every stage go through one :class:`~adapterctl.models.assign.RandomChoice` (:meth:`set_sampler`).
 
     Args (beyond :class:`AdapterMaskRCNN`'s): conv_channels / fc_channels: the box heads' 4 convs and fc (256,
     1024); mask_channels: the mask heads' width (256).
@@ -412,6 +417,16 @@ class AdapterCascadeMaskRCNN(AdapterMaskRCNN):
             fc_channels=fc_channels, mask_channels=mask_channels, score_thresh=box_score_thresh,
             nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
         )  # fmt: skip
+
+    def _make_rpn(self, **kwargs) -> RegionProposalNetwork:
+        from adapterctl.models.rpn import SampledRPN
+
+        return SampledRPN(allowed_border=0.0, smooth_l1_beta=1.0 / 9.0, min_pos_iou=0.3, low_quality=True, **kwargs)
+
+    def set_sampler(self, choice) -> None:
+        """Route every training draw (RPN, then the stages, in mmdet's call order) through ``choice``."""
+        self.rpn.sampler = choice
+        self.roi_heads.sampler = choice
 
     def _init_heads(self) -> None:  # the cascade heads initialise themselves; the RPN as Mask R-CNN's
         for m in self.rpn.head.modules():
