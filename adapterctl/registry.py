@@ -42,8 +42,21 @@ class Registry(Generic[T]):
 
 
 @dataclass(frozen=True)
+class OfficialHeads:
+    """How ``adapterctl convert`` recognises and maps a head family's official (mmdet) checkpoint: the keys whose
+    presence marks it (the entry whose marks all match, most marks first, wins), the config overrides read off
+    the tensors, and the key mapping ``(tensors, unmatched keys)``."""
+
+    label: str
+    marks: tuple[str, ...]
+    overrides: Callable  # (state_dict) -> list[str]
+    convert: Callable  # (state_dict) -> (dict[str, Tensor], list[str])
+
+
+@dataclass(frozen=True)
 class HeadEntry:
     """A whole-model builder for a head family and the tasks it serves."""
 
     build: Callable  # (cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module
     tasks: tuple[str, ...]
+    official: OfficialHeads | None = None

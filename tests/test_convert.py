@@ -167,3 +167,48 @@ def test_convert_official_maskrcnn_checkpoint(tmp_path):
         x = model.roi_heads.box_head(model.roi_heads.box_roi_pool(feats, [fx["proposals"][:, :4]], [(h, w)]))
         cls, _ = model.roi_heads.box_predictor(x)
     torch.testing.assert_close(cls[:, [1, 2, 3, 0]], fx["roi_cls_score"], atol=1e-5, rtol=1e-5)
+
+
+def test_convert_official_cascade_checkpoint(tmp_path):
+    """A full mmdet Cascade checkpoint (16-d backbone in the official layout + the Cascade fixture heads): convert
+    recognises the family from its keys, reads the widths, and the converted heads give the official stages."""
+    from collections import OrderedDict
+
+    from omegaconf import OmegaConf
+
+    from adapterctl.engine.checkpoint import load_checkpoint
+    from adapterctl.models.build import build_model
+    from adapterctl.models.official import to_official_backbone
+    from adapterctl.models.zoo import build_vit_adapter
+
+    from .conftest import FIXTURES
+
+    fx = torch.load(FIXTURES / "official_cascade_a.pt", map_location="cpu", weights_only=True)
+    kwargs = dict(
+        img_size=32, embed_dim=16, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2,
+        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+    )  # fmt: skip
+    backbone = build_vit_adapter(**kwargs, vit_feature_mode="final")
+    official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
+    official.update(fx["state_dict"])
+    src = tmp_path / "cascade_official.pth"
+    torch.save({"meta": {"CLASSES": ["a", "b", "c"]}, "state_dict": official}, src)
+    dst = tmp_path / "cascade.safetensors"
+    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
+    result = runner.invoke(
+        app, ["convert", str(src), str(dst), "--variant", "detection", "data=synthetic_det", *overrides]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Cascade Mask R-CNN" in result.output and "not converted" not in result.output
+    state = load_checkpoint(dst)
+    cfg = OmegaConf.create(state["config"])
+    assert (cfg.head.name, cfg.head.num_classes, cfg.head.fpn_channels) == ("cascade_maskrcnn", 3, 32)
+    assert (cfg.head.conv_channels, cfg.head.fc_channels, cfg.head.mask_channels) == (16, 64, 16)
+    model = build_model(cfg).eval()
+    model.load_state_dict(state["model"])  # strict: every tensor converted
+    with torch.no_grad():
+        feats = model.backbone.fpn(OrderedDict((str(i), f) for i, f in enumerate(fx["inputs"])))
+        stages = model.roi_heads.stage_outputs(feats, fx["proposals"][:, :4], tuple(fx["meta"]["img_shape"]))
+    for ours, want in zip(stages, fx["stages"], strict=True):
+        torch.testing.assert_close(ours["cls_score"], want["cls_score"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours["bbox_pred"], want["bbox_pred"], atol=1e-4, rtol=0)

@@ -111,6 +111,36 @@ def test_coco_rows_listed_with_released_hyperparameters():
     assert "experiment=coco_maskrcnn_vit_adapter_t_1x" in dry.stdout
 
 
+CASCADE_ROWS = {  # configs-and-results.md "Other detectors": drop path, box / mask AP, #Param (M)
+    "coco_cascade_maskrcnn_vit_adapter_s_3x": (0.2, 51.5, 44.3, 86),
+    "coco_cascade_maskrcnn_vit_adapter_b_3x": (0.3, 52.1, 44.8, 158),
+}
+
+
+def test_cascade_rows_carry_the_official_settings():
+    import torch
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+
+    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    for name, (dpr, box, mask, params) in CASCADE_ROWS.items():
+        r = rows[name]
+        assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (1e-4, 0.05, 1.0, dpr)
+        assert (r["paper"]["box_ap"], r["paper"]["mask_ap"], r["batch"], r["amp"]) == (box, mask, "8x2", "fp16")
+        cfg = compose("train", [f"experiment={name}"])
+        assert cfg.head.name == "cascade_maskrcnn" and cfg.model.vit_feature_mode == "final"
+        assert [i for i, on in enumerate(cfg.model.window_attn) if not on] == [2, 5, 8, 11]
+        assert [tuple(s) for s in cfg.data.train.scales] == [(1333, s) for s in range(480, 801, 32)]
+        assert cfg.data.train.pipeline == "3x" and cfg.trainer.max_iters == 263880
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert type(model).__name__ == "AdapterCascadeMaskRCNN"
+        assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - params) < 0.5, name
+        dry = subprocess.run(["make", "-n", name, "GPUS=2"], cwd=REPO, capture_output=True, text=True)
+        assert f"experiment={name}" in dry.stdout, dry.stderr
+
+
 def _leaves(node, prefix=""):
     if isinstance(node, dict):
         for k, v in node.items():

@@ -14,7 +14,7 @@ from torch import nn
 from adapterctl.errors import ConfigError
 from adapterctl.models.beit_adapter import build_from_config as build_beit_from_config
 from adapterctl.models.zoo import _resolve_norm, build_from_config
-from adapterctl.registry import HeadEntry, Registry
+from adapterctl.registry import HeadEntry, OfficialHeads, Registry
 
 
 def build_backbone(model_cfg: DictConfig | dict) -> nn.Module:
@@ -117,6 +117,43 @@ def build_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mod
     )
 
 
+def build_cascade_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
+    """ViT-Adapter (detection form) + FPN + the ViT-Adapter Cascade Mask R-CNN heads (mmdet 2.22)."""
+    from adapterctl.models.detector import AdapterCascadeMaskRCNN, DetBackbone
+
+    body = backbone if backbone is not None else build_backbone(cfg.model)
+    head = cfg.head
+    return AdapterCascadeMaskRCNN(
+        DetBackbone(body, int(head.fpn_channels)),
+        int(head.num_classes),
+        image_mean=list(cfg.data.mean),
+        image_std=list(cfg.data.std),
+        conv_channels=int(head.conv_channels),
+        fc_channels=int(head.fc_channels),
+        mask_channels=int(head.mask_channels),
+        rpn_post_nms_top_n_train=int(head.rpn_post_nms_top_n_train),
+        box_batch_size_per_image=int(head.box_batch_size_per_image),
+        box_score_thresh=float(head.score_thresh),
+        box_nms_thresh=float(head.nms_thresh),
+        box_detections_per_img=int(head.max_per_img),
+        mask_threshold=float(head.mask_threshold),
+    )
+
+
+def _official(label: str, marks: tuple[str, ...], overrides: str, convert: str) -> OfficialHeads:
+    """An :class:`OfficialHeads` whose functions live in ``adapterctl.models.detector`` (imported when used)."""
+
+    def call(name: str):
+        def fn(*args):
+            from adapterctl.models import detector
+
+            return getattr(detector, name)(*args)
+
+        return fn
+
+    return OfficialHeads(label, marks, call(overrides), call(convert))
+
+
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone family", "model.family")
 BACKBONES.register("vit_adapter", build_from_config)
 BACKBONES.register("beit_adapter", build_beit_from_config)
@@ -130,7 +167,19 @@ AUX_HEADS.register("fcn", _fcn)
 HEADS: Registry[HeadEntry] = Registry("head", "head.name")
 HEADS.register("upernet", HeadEntry(build_segmentor, tasks=("segmentation",)))
 HEADS.register("mask2former", HeadEntry(build_segmentor, tasks=("segmentation",)))
-HEADS.register("maskrcnn", HeadEntry(build_detector, tasks=("detection",)))
+HEADS.register(
+    "maskrcnn",
+    HeadEntry(
+        build_detector,
+        ("detection",),
+        _official(
+            "Mask R-CNN", ("roi_head.bbox_head.fc_cls.weight",), "mmdet_maskrcnn_overrides", "convert_mmdet_heads"
+        ),
+    ),
+)
+HEADS.register("cascade_maskrcnn", HeadEntry(build_cascade_detector, ("detection",), _official(
+    "Cascade Mask R-CNN", ("roi_head.bbox_head.0.fc_cls.weight", "roi_head.bbox_head.2.fc_cls.weight"),
+    "mmdet_cascade_overrides", "convert_mmdet_cascade")))  # fmt: skip
 
 
 def build_model(cfg: DictConfig) -> nn.Module:

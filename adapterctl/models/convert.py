@@ -1,8 +1,9 @@
 """``adapterctl convert``: official ViT-Adapter checkpoints -> adapterctl safetensors files.
 
 A backbone-only file, a full mmseg UperNet checkpoint (``backbone.*`` + ``decode_head.*`` +
-``auxiliary_head.*``) or a Mask2Former one (also inside the release's ``.zip``), or an mmdet Mask R-CNN one: the
-head modules carry the official names, so their keys map 1:1. The output holds the
+``auxiliary_head.*``) or a Mask2Former one (also inside the release's ``.zip``), or an mmdet detector one (the
+head registry entries with ``official`` marks: Mask R-CNN, Cascade Mask R-CNN): the head modules carry the
+official names, so their keys map 1:1 or by the family's table. The output holds the
 model's tensors and, in its metadata, the composed config, so ``adapterctl eval ckpt=FILE.safetensors`` works
 from it alone.
 """
@@ -19,6 +20,7 @@ from torch import Tensor
 from adapterctl.errors import CheckpointError
 from adapterctl.files import atomic_write
 from adapterctl.models.official import convert_official_backbone, load_checkpoint_file, unwrap_official
+from adapterctl.registry import OfficialHeads
 
 _HEADS = ("decode_head.", "auxiliary_head.")
 _DET_HEADS = ("neck.", "rpn_head.", "roi_head.")
@@ -85,20 +87,15 @@ def _head_overrides(full: dict[str, Tensor]) -> list[str]:
     return out
 
 
-def _det_head_overrides(full: dict[str, Tensor]) -> list[str]:
-    """Task, class count and head widths read off an mmdet Mask R-CNN state dict."""
-    out = ["head=maskrcnn"]
-    cls = full.get("roi_head.bbox_head.fc_cls.weight")
-    if cls is not None:
-        out += [f"head.num_classes={cls.shape[0] - 1}", f"data.num_classes={cls.shape[0] - 1}"]
-    for key, name in (
-        ("neck.fpn_convs.0.conv.weight", "fpn_channels"),
-        ("roi_head.bbox_head.shared_fcs.0.weight", "representation_size"),
-        ("roi_head.mask_head.convs.0.conv.weight", "mask_channels"),
-    ):
-        if key in full:
-            out.append(f"head.{name}={full[key].shape[0]}")
-    return out
+def _detector_family(full: dict[str, Tensor]) -> tuple[str, OfficialHeads]:
+    """The head registry entry whose official marks all appear in ``full`` (the most specific one)."""
+    from adapterctl.models.build import HEADS
+
+    found = [(name, e.official) for name, e in HEADS.items() if e.official and all(k in full for k in e.official.marks)]
+    if not found:
+        known = ", ".join(e.official.label for _, e in HEADS.items() if e.official)
+        raise ConversionError(f"the detector heads of this checkpoint are none of: {known}")
+    return max(found, key=lambda item: len(item[1].marks))
 
 
 def run_convert(
@@ -130,7 +127,10 @@ def run_convert(
     full = unwrap_official(raw, prefix=None)
     has_heads = variant == "segmentation" and any(k.startswith("decode_head.") for k in full)
     det_heads = variant == "detection" and any(k.startswith(_DET_HEADS) for k in full)
-    head_overrides = _head_overrides(full) if has_heads else _det_head_overrides(full) if det_heads else []
+    head_overrides = _head_overrides(full) if has_heads else []
+    if det_heads:
+        det_name, det = _detector_family(full)
+        head_overrides = [f"head={det_name}", *det.overrides(full)]
     family = str(compose("train", [f"model={model}"]).model.family)
     if family == "vit_adapter":  # which official copy of the class: segmentation or detection outputs
         mode = "per_interaction" if variant == "segmentation" else "final"
@@ -152,17 +152,17 @@ def run_convert(
     tensors = {f"{body}{k}": v for k, v in conv.state_dict.items()}
     unconverted = [f"backbone.{k}" for k in conv.unconverted]
     if det_heads:
-        from adapterctl.models.build import build_detector
-        from adapterctl.models.detector import convert_mmdet_heads
+        from adapterctl.models.build import HEADS
 
-        net = build_detector(cfg, backbone=backbone)
-        heads, _left = convert_mmdet_heads({k: v for k, v in full.items() if k.startswith(_DET_HEADS)})
+        net = HEADS.get(str(cfg.head.name)).build(cfg, backbone=backbone)
+        heads, _left = det.convert({k: v for k, v in full.items() if k.startswith(_DET_HEADS)})
         target = net.state_dict()
         for key, value in heads.items():
             if key in target and target[key].shape == value.shape:
                 tensors[key] = value
             else:
                 unconverted.append(key)
+        unconverted += _left
         lacking = sorted(k for k in target if k not in tensors)
         if lacking:
             raise ConversionError(f"{src}: detector tensors missing for this config: {lacking[:5]}")
@@ -198,7 +198,7 @@ def run_convert(
     what = (
         f"segmentor (backbone + {head_name})"
         if has_heads
-        else "detector (backbone + FPN + Mask R-CNN)"
+        else f"detector (backbone + FPN + {det.label})"
         if det_heads
         else "backbone"
     )

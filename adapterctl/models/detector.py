@@ -393,6 +393,36 @@ def convert_mmdet_heads(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor
     return out, left
 
 
+def _shape_overrides(full: dict[str, Tensor], rows: Sequence[tuple[str, str]]) -> list[str]:
+    return [f"head.{name}={full[key].shape[0]}" for key, name in rows if key in full]
+
+
+def mmdet_maskrcnn_overrides(full: dict[str, Tensor]) -> list[str]:
+    """Class count and head widths read off an official Mask R-CNN state dict."""
+    out = []
+    cls = full.get("roi_head.bbox_head.fc_cls.weight")
+    if cls is not None:
+        out += [f"head.num_classes={cls.shape[0] - 1}", f"data.num_classes={cls.shape[0] - 1}"]
+    return out + _shape_overrides(
+        full,
+        [("neck.fpn_convs.0.conv.weight", "fpn_channels"),
+         ("roi_head.bbox_head.shared_fcs.0.weight", "representation_size"),
+         ("roi_head.mask_head.convs.0.conv.weight", "mask_channels")],
+    )  # fmt: skip
+
+
+def mmdet_cascade_overrides(full: dict[str, Tensor]) -> list[str]:
+    """Class count and head widths read off an official Cascade Mask R-CNN state dict."""
+    cls = full["roi_head.bbox_head.0.fc_cls.weight"]
+    return [f"head.num_classes={cls.shape[0] - 1}", f"data.num_classes={cls.shape[0] - 1}"] + _shape_overrides(
+        full,
+        [("neck.fpn_convs.0.conv.weight", "fpn_channels"),
+         ("roi_head.bbox_head.0.shared_convs.0.conv.weight", "conv_channels"),
+         ("roi_head.bbox_head.0.shared_fcs.0.weight", "fc_channels"),
+         ("roi_head.mask_head.0.convs.0.conv.weight", "mask_channels")],
+    )  # fmt: skip
+
+
 class AdapterCascadeMaskRCNN(AdapterMaskRCNN):
     """Cascade Mask R-CNN of the ViT-Adapter COCO configs: the Mask R-CNN backbone, FPN and anchors, the RPN
     trained as mmdet's (:class:`~adapterctl.models.rpn.SampledRPN`, training proposals capped at 2000) and
@@ -406,7 +436,7 @@ class AdapterCascadeMaskRCNN(AdapterMaskRCNN):
     def __init__(
         self, backbone: DetBackbone, num_classes: int, *, conv_channels: int = 256, fc_channels: int = 1024,
         mask_channels: int = 256, box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
-        box_detections_per_img: int = 100, **kwargs,
+        box_detections_per_img: int = 100, box_batch_size_per_image: int = 512, **kwargs,
     ) -> None:  # fmt: skip
         from adapterctl.models.cascade import build_cascade_roi_heads
 
@@ -416,6 +446,7 @@ class AdapterCascadeMaskRCNN(AdapterMaskRCNN):
             backbone.out_channels, backbone.strides[:-1], num_classes, conv_channels=conv_channels,
             fc_channels=fc_channels, mask_channels=mask_channels, score_thresh=box_score_thresh,
             nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
+            batch_size_per_image=box_batch_size_per_image,
         )  # fmt: skip
 
     def _make_rpn(self, **kwargs) -> RegionProposalNetwork:
