@@ -179,3 +179,17 @@ def test_whole_training_pass_gives_the_official_total(fx, model, bn_train):
         for i in range(3):
             for key in ("loss_cls", "loss_bbox", "loss_mask", "acc"):
                 torch.testing.assert_close(losses[f"{key}.s{i}"], want[f"s{i}.{key}"].reshape(()), rtol=1e-5, atol=0)
+
+
+def test_training_pass_under_bf16_autocast(fx, model):
+    """bf16 autocast (trainer.amp=bf16): the anchors follow the bf16 maps; targets and losses stay float32."""
+    import copy
+
+    net = _train_mode(copy.deepcopy(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = net([torch.zeros(3, *_hw(fx))], _targets(fx))
+    total = sum(v for k, v in losses.items() if k.startswith("loss"))
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    torch.testing.assert_close(total, fx["loss_total"].reshape(()), rtol=0.1, atol=0)  # random draws, bf16 maps
+    total.backward()
+    assert net.rpn.head.cls_logits.weight.grad.abs().sum() > 0

@@ -106,3 +106,32 @@ def test_predict_writes_detections_and_export_refuses_clearly(synth_det, tmp_pat
         assert (tmp_path / "pred" / f"{img.stem}_overlay.jpg").is_file()
     result = runner.invoke(app, ["export", f"ckpt={final}"])
     assert result.exit_code == 1 and "export handles segmentation checkpoints" in result.output
+
+
+def test_cascade_trains_evaluates_and_predicts_from_its_checkpoint(synth_det, tmp_path):
+    """head=cascade_maskrcnn through the shared loop: stage losses logged, COCO metrics, and the checkpoint alone
+    reproduces them in ``eval`` and serves ``predict``."""
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_det_overrides(synth_det, out) if not o.startswith(("head=", "head.representation"))]
+    overrides += [
+        "head=cascade_maskrcnn",
+        "head.conv_channels=16",
+        "head.fc_channels=64",
+        "head.box_batch_size_per_image=64",
+    ]
+    metrics = run_train(compose("train", overrides))
+    assert set(KEYS) <= set(metrics)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "train/loss_mask.s2" in r]
+    assert len(losses) == 3 and all(r["train/loss_bbox.s0"] > 0 and 0 <= r["train/acc.s1"] <= 100 for r in losses)
+    ckpt_path = out / "checkpoints" / "final.pt"
+    evaluated = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", f"ckpt={ckpt_path}", f"paths.output_dir={evaluated}", "trainer.device=cpu"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((evaluated / "metrics.json").read_text())
+    assert all(again[k] == metrics[k] for k in KEYS)
+    pred = tmp_path / "pred"
+    image = sorted((synth_det / "val").glob("*"))[0]
+    result = runner.invoke(app, ["predict", str(ckpt_path), str(image), "--out", str(pred)])
+    assert result.exit_code == 0, result.output
+    assert any(pred.iterdir())

@@ -164,7 +164,7 @@ class CascadeRoIHeads(nn.Module):
         stage_loss_weights: Sequence[float] = (1.0, 0.5, 0.25), iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7),
         score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
         batch_size_per_image: int = 512, positive_fraction: float = 0.25, low_quality: bool = False,
-        sampler: RandomChoice | None = None,
+        box_loss: str = "giou", sampler: RandomChoice | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.box_roi_pool, self.mask_roi_pool = box_roi_pool, mask_roi_pool
@@ -177,13 +177,26 @@ class CascadeRoIHeads(nn.Module):
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.low_quality = low_quality  # mmdet match_low_quality of the stage assigners (Cascade: off, HTC++: on)
+        self.box_loss = box_loss  # "giou" (Cascade: decoded boxes) or "smooth_l1" (HTC++: encoded deltas)
         self.sampler = sampler
+
+    def box_features(self, features, boxes: list[Tensor], image_shapes) -> Tensor:
+        """The box heads' 7x7 RoI features (HTC++ adds its semantic features here)."""
+        return self.box_roi_pool(features, boxes, image_shapes)
+
+    def mask_features(self, features, boxes: list[Tensor], image_shapes) -> Tensor:
+        """The mask heads' 14x14 RoI features."""
+        return self.mask_roi_pool(features, boxes, image_shapes)
+
+    def nms(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The test-time ``multiclass_nms`` (hard NMS; HTC++: soft-NMS)."""
+        return multiclass_nms(boxes, scores, self.score_thresh, self.nms_thresh, self.detections_per_img)
 
     def stage_outputs(self, features, rois: Tensor, image_shape: tuple[int, int]) -> list[dict[str, Tensor]]:
         """Each stage's input RoIs and raw outputs at test time (the refinement chain of §3.3)."""
         out = []
         for i, head in enumerate(self.bbox_head):
-            cls, reg = head(self.box_roi_pool(features, [rois], [image_shape]))
+            cls, reg = head(self.box_features(features, [rois], [image_shape]))
             out.append({"rois": rois, "cls_score": cls, "bbox_pred": reg})
             if i < len(self.bbox_head) - 1:
                 labels = cls[:, : self.num_classes].argmax(1)
@@ -201,9 +214,7 @@ class CascadeRoIHeads(nn.Module):
             scores = F.softmax(cls, dim=-1)
             last = stages[-1]
             boxes = delta2bbox(last["rois"], last["bbox_pred"], self.stds[-1], shape)
-            det_boxes, det_scores, det_labels = multiclass_nms(
-                boxes, scores, self.score_thresh, self.nms_thresh, self.detections_per_img
-            )
+            det_boxes, det_scores, det_labels = self.nms(boxes, scores)
             results.append({
                 "boxes": det_boxes, "scores": det_scores, "labels": det_labels + 1,
                 "masks": self.mask_probs(feats, det_boxes, det_labels, shape)[:, None],
@@ -214,7 +225,7 @@ class CascadeRoIHeads(nn.Module):
         """The mean of the stage heads' sigmoid probabilities of each detection's class: (D, 28, 28)."""
         if boxes.shape[0] == 0:
             return boxes.new_zeros((0, 28, 28))
-        feats = self.mask_roi_pool(features, [boxes], [image_shape])
+        feats = self.mask_features(features, [boxes], [image_shape])
         idx = torch.arange(boxes.shape[0], device=boxes.device)
         probs = [head(feats).sigmoid()[idx, labels] for head in self.mask_head]
         total = probs[0]
@@ -255,70 +266,113 @@ def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
     return 1 - (overlap / union - (enclose - union) / enclose)
 
 
-def _stage_losses(self: CascadeRoIHeads, features, proposals, image_shapes, targets, record=None):
-    """mmdet ``CascadeRoIHead.forward_train`` for every image of the batch (§4.2)."""
+class _Sample:
+    """One stage's sampled RoIs over the batch: per image the boxes ``[positives; negatives]``, their labels
+    (mmdet 0..K-1, K = background), the positives' GT boxes and indices, and which rows are GT boxes."""
+
+    def __init__(self) -> None:
+        self.boxes: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.gt_boxes: list[Tensor] = []
+        self.matched: list[Tensor] = []
+        self.is_gt: list[Tensor] = []
+
+    def positives(self) -> list[Tensor]:
+        return [b[: m.numel()] for b, m in zip(self.boxes, self.matched, strict=True)]
+
+
+def _sample(heads: CascadeRoIHeads, stage: int, proposals: list[Tensor], targets, choice: RandomChoice) -> _Sample:
+    """mmdet ``MaxIoUAssigner`` + ``RandomSampler(add_gt_as_proposals=True)`` per image (§4.2 steps 1-2)."""
+    thr, k = heads.iou_thresholds[stage], heads.num_classes
+    out = _Sample()
+    for p, t in zip(proposals, targets, strict=True):
+        gts, gl = t["boxes"], t["labels"] - 1  # torchvision labels 1..K -> mmdet 0..K-1
+        g = gts.shape[0]
+        gt_inds, _ = max_iou_assign(p, gts, thr, thr, thr, heads.low_quality)
+        gt_inds = torch.cat([torch.arange(1, g + 1, device=p.device), gt_inds])  # the GTs prepended (add_gt_)
+        pos, neg = sample_pos_neg(gt_inds, heads.batch_size_per_image, heads.positive_fraction, choice, f"rcnn{stage}")
+        gt_of = gt_inds[pos] - 1
+        out.boxes.append(torch.cat([gts, p])[torch.cat([pos, neg])])
+        out.labels.append(torch.cat([gl[gt_of], gl.new_full((neg.numel(),), k)]))
+        out.gt_boxes.append(gts[gt_of])
+        out.matched.append(gt_of)
+        out.is_gt.append(torch.cat([pos < g, torch.zeros_like(neg, dtype=torch.bool)]))
+    return out
+
+
+def _refine(heads: CascadeRoIHeads, stage: int, sample: _Sample, cls: Tensor, reg: Tensor, image_shapes):
+    """The next stage's proposals (§4.2 step 6): each sampled box regressed by its target label (background rows
+    by the foreground argmax), clipped, the GT rows dropped."""
+    k = heads.num_classes
+    with torch.no_grad():
+        labels = torch.cat(sample.labels)
+        labels = torch.where(labels == k, cls[:, :k].argmax(1), labels)
+        deltas = heads.bbox_head[stage].deltas_for(reg.detach(), labels)
+        out, start = [], 0
+        for b, g, shape in zip(sample.boxes, sample.is_gt, image_shapes, strict=True):
+            n = b.shape[0]
+            out.append(delta2bbox(b, deltas[start : start + n], heads.stds[stage], shape)[~g])
+            start += n
+    return out
+
+
+def _box_losses(heads: CascadeRoIHeads, stage: int, sample: _Sample, cls: Tensor, reg: Tensor) -> dict[str, Tensor]:
+    """Cross-entropy over every sampled RoI, accuracy, and the box loss summed over the positives / all RoIs:
+    GIoU x10 on the decoded (unclipped) boxes (Cascade) or SmoothL1 (beta 1) on the encoded deltas (HTC++)."""
+    k, head = heads.num_classes, heads.bbox_head[stage]
+    labels = torch.cat(sample.labels)
+    rois = torch.cat(sample.boxes)
+    pos = labels < k
+    gt = torch.cat(sample.gt_boxes)
+    deltas = head.deltas_for(reg[pos], labels[pos])
+    if heads.box_loss == "giou":
+        loss_bbox = 10.0 * giou_loss(delta2bbox(rois[pos], deltas, heads.stds[stage]), gt).sum() / rois.shape[0]
+    else:
+        target = bbox2delta(rois[pos], gt, heads.stds[stage])
+        loss_bbox = F.smooth_l1_loss(deltas, target, beta=1.0, reduction="sum") / rois.shape[0]
+    return {
+        "loss_cls": F.cross_entropy(cls, labels),
+        "loss_bbox": loss_bbox,
+        "acc": 100.0 * (cls.argmax(1) == labels).float().mean().detach(),
+    }
+
+
+def _mask_loss(logits: Tensor, sample: _Sample, targets) -> tuple[Tensor, Tensor]:
+    """BCE of each positive's class channel against its GT mask, RoI-aligned and binarised (mean over P x 28 x 28);
+    returns (loss, mask targets)."""
     from adapterctl.models.detector import _mask_targets
 
+    size = logits.shape[-1]
+    rows = zip(targets, sample.positives(), sample.matched, strict=True)
+    mask_t = torch.cat([_mask_targets(t["masks"], r, m, size) for t, r, m in rows])
+    labels = torch.cat([lab[: m.numel()] for lab, m in zip(sample.labels, sample.matched, strict=True)])
+    if mask_t.numel() == 0:
+        return logits.sum() * 0, mask_t
+    chosen = logits[torch.arange(labels.numel(), device=logits.device), labels]
+    return F.binary_cross_entropy_with_logits(chosen, mask_t), mask_t
+
+
+def _stage_losses(self: CascadeRoIHeads, features, proposals, image_shapes, targets, record=None):
+    """mmdet ``CascadeRoIHead.forward_train`` for every image of the batch (§4.2)."""
     choice = self.sampler or RandomChoice()
-    k = self.num_classes
     losses: dict[str, Tensor] = {}
     props = [p.detach() for p in proposals]
     for i, (head, mask_head) in enumerate(zip(self.bbox_head, self.mask_head, strict=True)):
-        thr, w = self.iou_thresholds[i], self.stage_loss_weights[i]
-        sampled, labels, gt_boxes, pos_counts, is_gt, matched = [], [], [], [], [], []
-        for p, t in zip(props, targets, strict=True):
-            gts, gl = t["boxes"], t["labels"] - 1  # torchvision labels 1..K -> mmdet 0..K-1
-            g = gts.shape[0]
-            gt_inds, _ = max_iou_assign(p, gts, thr, thr, thr, self.low_quality)
-            gt_inds = torch.cat([torch.arange(1, g + 1, device=p.device), gt_inds])  # the GTs prepended (add_gt_)
-            cand = torch.cat([gts, p])
-            pos, neg = sample_pos_neg(gt_inds, self.batch_size_per_image, self.positive_fraction, choice, f"rcnn{i}")
-            gt_of = gt_inds[pos] - 1
-            sampled.append(cand[torch.cat([pos, neg])])
-            labels.append(torch.cat([gl[gt_of], gl.new_full((neg.numel(),), k)]))
-            gt_boxes.append(gts[gt_of])
-            pos_counts.append(pos.numel())
-            is_gt.append(torch.cat([pos < g, torch.zeros_like(neg, dtype=torch.bool)]))
-            matched.append(gt_of)
-        cls, reg = head(self.box_roi_pool(features, sampled, image_shapes))
-        labels_all = torch.cat(labels)
-        loss_cls = F.cross_entropy(cls, labels_all)
-        acc = 100.0 * (cls.argmax(1) == labels_all).float().mean()
-        rois = torch.cat(sampled)
-        pos_mask = labels_all < k
-        decoded = delta2bbox(rois, reg, self.stds[i]).reshape(rois.shape[0], -1, 4)
-        pos_pred = decoded[pos_mask, 0] if head.class_agnostic else decoded[pos_mask, labels_all[pos_mask]]
-        loss_bbox = 10.0 * giou_loss(pos_pred, torch.cat(gt_boxes)).sum() / rois.shape[0]
-        # masks on this stage's positives
-        pos_rois = [s[:n] for s, n in zip(sampled, pos_counts, strict=True)]
-        mask_logits = mask_head(self.mask_roi_pool(features, pos_rois, image_shapes))
-        pos_labels = labels_all[pos_mask]
-        mask_t = torch.cat([
-            _mask_targets(t["masks"], r, m, mask_logits.shape[-1])
-            for t, r, m in zip(targets, pos_rois, matched, strict=True)
-        ])  # fmt: skip
-        if mask_t.numel():
-            chosen = mask_logits[torch.arange(pos_labels.numel(), device=rois.device), pos_labels]
-            loss_mask = F.binary_cross_entropy_with_logits(chosen, mask_t)
-        else:
-            loss_mask = mask_logits.sum() * 0
-        losses.update({f"loss_cls.s{i}": w * loss_cls, f"loss_bbox.s{i}": w * loss_bbox,
-                       f"loss_mask.s{i}": w * loss_mask, f"acc.s{i}": acc.detach()})  # fmt: skip
+        w = self.stage_loss_weights[i]
+        sample = _sample(self, i, props, targets, choice)
+        cls, reg = head(self.box_features(features, sample.boxes, image_shapes))
+        box = _box_losses(self, i, sample, cls, reg)
+        mask_logits = mask_head(self.mask_features(features, sample.positives(), image_shapes))
+        loss_mask, mask_t = _mask_loss(mask_logits, sample, targets)
+        losses.update({f"loss_cls.s{i}": w * box["loss_cls"], f"loss_bbox.s{i}": w * box["loss_bbox"],
+                       f"loss_mask.s{i}": w * loss_mask, f"acc.s{i}": box["acc"]})  # fmt: skip
         if record is not None:
             record.setdefault("stages", []).append(
-                {"rois": rois, "labels": labels_all, "cls_score": cls, "bbox_pred": reg, "mask_targets": mask_t}
-            )
+                {"rois": torch.cat(sample.boxes), "labels": torch.cat(sample.labels), "cls_score": cls,
+                 "bbox_pred": reg, "mask_targets": mask_t}
+            )  # fmt: skip
         if i < len(self.bbox_head) - 1:
-            with torch.no_grad():  # refine: target labels, background rows by the foreground argmax; GT rows dropped
-                ref_labels = torch.where(labels_all == k, cls[:, :k].argmax(1), labels_all)
-                deltas = head.deltas_for(reg.detach(), ref_labels)
-                new_props, start = [], 0
-                for s, g, shape in zip(sampled, is_gt, image_shapes, strict=True):
-                    n = s.shape[0]
-                    boxes = delta2bbox(s, deltas[start : start + n], self.stds[i], shape)
-                    new_props.append(boxes[~g])
-                    start += n
-                props = new_props
+            props = _refine(self, i, sample, cls, reg, image_shapes)
     return losses
 
 

@@ -473,3 +473,73 @@ def convert_mmdet_cascade(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tens
     out, left = convert_mmdet_heads(common)
     out.update({"roi_heads." + k[len("roi_head.") :]: v for k, v in state_dict.items() if k.startswith("roi_head.")})
     return out, left
+
+
+class HTCBackbone(DetBackbone):
+    """:class:`DetBackbone` with HTC++'s ``ExtraAttention`` on the backbone's last map before the FPN."""
+
+    def __init__(self, body: nn.Module, out_channels: int = 256, *, num_heads: int = 32, drop_path: float = 0.0):
+        from adapterctl.models.htc import ExtraAttention
+
+        super().__init__(body, out_channels)
+        self.extra_attention = ExtraAttention(int(body.feature_info[-1]["num_chs"]), num_heads, drop_path=drop_path)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        maps = self.extra_attention(list(self.body(x)))
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(maps)))
+
+
+class AdapterHTC(AdapterCascadeMaskRCNN):
+    """HTC++ of the ViT-Adapter COCO configs: :class:`HTCBackbone` (ExtraAttention + FPN), the mmdet-trained RPN
+    (2000 training proposals) and :class:`~adapterctl.models.htc.HTCRoIHeads` (semantic branch, mask information
+    flow, interleaving, soft-NMS). Training targets carry a ``semantic`` label map (COCO stuff maps, 255 void).
+
+    Args (beyond :class:`AdapterMaskRCNN`'s): conv_channels / fc_channels: the box heads' widths (256, 1024);
+    semantic_classes: the semantic branch's classes (183); box_score_thresh: 0.001.
+    """
+
+    def __init__(
+        self, backbone: HTCBackbone, num_classes: int, *, conv_channels: int = 256, fc_channels: int = 1024,
+        semantic_classes: int = 183, semantic_loss_weight: float = 0.2, box_score_thresh: float = 0.001,
+        box_nms_thresh: float = 0.5, box_detections_per_img: int = 100, box_batch_size_per_image: int = 512,
+        **kwargs,
+    ) -> None:  # fmt: skip
+        from adapterctl.models.htc import build_htc_roi_heads
+
+        kwargs.pop("mask_channels", None)  # the HTC mask heads are as wide as the FPN
+        super().__init__(backbone, num_classes, box_batch_size_per_image=box_batch_size_per_image, **kwargs)
+        self.roi_heads = build_htc_roi_heads(
+            backbone.out_channels, backbone.strides[:-1], num_classes, conv_channels=conv_channels,
+            fc_channels=fc_channels, semantic_classes=semantic_classes, semantic_loss_weight=semantic_loss_weight,
+            score_thresh=box_score_thresh, nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
+            batch_size_per_image=box_batch_size_per_image,
+        )  # fmt: skip
+
+
+def mmdet_htc_overrides(full: dict[str, Tensor]) -> list[str]:
+    """Class counts and head widths read off an official HTC++ state dict (the ExtraAttention's head count is not
+    in the tensors: ``head.extra_attention_heads``, 32 in every official config)."""
+    cls = full["roi_head.bbox_head.0.fc_cls.weight"]
+    sem = full["roi_head.semantic_head.conv_logits.weight"]
+    return [
+        f"head.num_classes={cls.shape[0] - 1}", f"data.num_classes={cls.shape[0] - 1}",
+        f"head.semantic_classes={sem.shape[0]}",
+    ] + _shape_overrides(
+        full,
+        [("neck.1.fpn_convs.0.conv.weight", "fpn_channels"),
+         ("roi_head.bbox_head.0.shared_convs.0.conv.weight", "conv_channels"),
+         ("roi_head.bbox_head.0.shared_fcs.0.weight", "fc_channels")],
+    )  # fmt: skip
+
+
+def convert_mmdet_htc(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """An mmdet HTC++ state dict -> this model's keys: ``neck.0.*`` (ExtraAttention) ->
+    ``backbone.extra_attention.*``, ``neck.1.*`` (FPN) and the RPN by :data:`MMDET_KEYS`, ``roi_head.*`` ->
+    ``roi_heads.*`` unchanged."""
+    attn = {
+        "backbone.extra_attention." + k[len("neck.0.") :]: v for k, v in state_dict.items() if k.startswith("neck.0.")
+    }
+    rest = {("neck." + k[len("neck.1.") :] if k.startswith("neck.1.") else k): v for k, v in state_dict.items()
+            if not k.startswith("neck.0.")}  # fmt: skip
+    out, left = convert_mmdet_cascade(rest)
+    return {**attn, **out}, left

@@ -68,6 +68,8 @@ class SampledRPN(MMRPN):
 
     def losses(self, objectness, deltas, anchors, image_sizes, targets, per_level, record=None) -> dict[str, Tensor]:
         choice = self.sampler or RandomChoice()
+        # targets and losses in float32 (under autocast the anchors follow the bf16 feature maps)
+        anchors, objectness, deltas = [a.float() for a in anchors], objectness.float(), deltas.float()
         labels, weights, box_targets, pos_mask = [], [], [], []
         for a, size, t in zip(anchors, image_sizes, targets, strict=True):
             inside = self.inside(a, size)
