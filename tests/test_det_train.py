@@ -135,3 +135,46 @@ def test_cascade_trains_evaluates_and_predicts_from_its_checkpoint(synth_det, tm
     result = runner.invoke(app, ["predict", str(ckpt_path), str(image), "--out", str(pred)])
     assert result.exit_code == 0, result.output
     assert any(pred.iterdir())
+
+
+def _htc_overrides(data_root, out, **trainer):
+    drop = ("head=", "head.representation", "head.mask_channels")
+    overrides = [o for o in tiny_det_overrides(data_root, out, **trainer) if not o.startswith(drop)]
+    return overrides + [
+        "head=htc", "head.conv_channels=16", "head.fc_channels=64", "head.box_batch_size_per_image=64",
+        "head.semantic_classes=5", "head.extra_attention_heads=2", "data.train.pipeline=range",
+        "data.train.scales=[[256,96],[256,160]]",
+    ]  # fmt: skip
+
+
+def test_htc_trains_on_stuff_maps_evaluates_and_predicts(synth_det, tmp_path):
+    """head=htc through the shared loop: the semantic branch learns from the synthetic stuff maps (resized and
+    flipped with the image), stage losses logged, and the checkpoint alone reproduces the metrics and predicts."""
+    out = tmp_path / "run"
+    metrics = run_train(compose("train", _htc_overrides(synth_det, out)))
+    assert set(KEYS) <= set(metrics)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "train/loss_semantic_seg" in r]
+    assert len(losses) == 3 and all(r["train/loss_semantic_seg"] > 0 and r["train/loss_mask.s2"] > 0 for r in losses)
+    ckpt_path = out / "checkpoints" / "final.pt"
+    evaluated = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", f"ckpt={ckpt_path}", f"paths.output_dir={evaluated}", "trainer.device=cpu"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((evaluated / "metrics.json").read_text())
+    assert all(again[k] == metrics[k] for k in KEYS)
+    pred = tmp_path / "pred"
+    image = sorted((synth_det / "val").glob("*"))[0]
+    result = runner.invoke(app, ["predict", str(ckpt_path), str(image), "--out", str(pred)])
+    assert result.exit_code == 0, result.output
+
+
+def test_htc_without_stuff_maps_stops_at_start_naming_the_key(synth_det, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", *_htc_overrides(synth_det, out), "data.train.semantic_dir=null"])
+    assert result.exit_code == 2, result.output
+    assert "data.train.semantic_dir" in result.output and "Traceback" not in result.output
+    assert not (out / "config.yaml").exists()
+    missing = tmp_path / "stuff"
+    missing.mkdir()
+    result = runner.invoke(app, ["train", *_htc_overrides(synth_det, out), f"data.train.semantic_dir={missing}"])
+    assert result.exit_code != 0 and "has no label map" in result.output and "synth_train_00000" in result.output

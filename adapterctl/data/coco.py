@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from adapterctl.data.det_transforms import DetrTransform, DetTransform
@@ -141,6 +142,8 @@ class CocoDetection(Dataset):
         on_bad_sample: ``error`` (stop on a malformed annotation or missing image, naming it) or ``skip`` (leave
             the image, or an annotation of no image, out of the dataset and of ``coco``, listed in ``skipped``).
         num_classes: if given, the number of categories the file must define (the model's class count).
+        semantic_dir: if given, a folder of COCO-stuff-style label maps, one ``<image stem>.png`` per image (HTC++'s
+            semantic branch; datasets/README.md): loaded as ``target["semantic"]`` (H, W) int64, 255 = void.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class CocoDetection(Dataset):
         on_bad_sample: str = "error",
         transform=None,
         num_classes: int | None = None,
+        semantic_dir: str | Path | None = None,
     ) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -168,6 +172,10 @@ class CocoDetection(Dataset):
         self.with_masks = with_masks
         self.on_bad_sample = on_bad_sample
         self.transform = transform
+        self.semantic_dir = Path(semantic_dir) if semantic_dir is not None else None
+        if self.semantic_dir is not None and not self.semantic_dir.is_dir():
+            raise DataError(f"data.train.semantic_dir: {self.semantic_dir} is not a folder (COCO stuff maps; see "
+                            "datasets/README.md)")  # fmt: skip
         self.skipped: list[str] = []
         for problem in self._orphan_annotations():
             self._bad(problem)
@@ -209,6 +217,8 @@ class CocoDetection(Dataset):
         path = self.img_dir / info["file_name"]
         if not path.is_file():
             return f"{self.ann_file}: image {img_id} ({info['file_name']}) not found in {self.img_dir}"
+        if self.semantic_dir is not None and not self._semantic_path(info).is_file():
+            return f"{self.ann_file}: image {img_id} ({info['file_name']}) has no label map {self._semantic_path(info)}"
         for ann in self.coco.imgToAnns.get(img_id, []):
             where = f"{self.ann_file}: annotation {ann.get('id')} of image {img_id} ({info['file_name']})"
             if ann.get("category_id") not in self.labels.cat_to_label:
@@ -220,6 +230,18 @@ class CocoDetection(Dataset):
             if problem:
                 return f"{where}: {problem}"
         return None
+
+    def _semantic_path(self, info: dict) -> Path:
+        return self.semantic_dir / Path(info["file_name"]).with_suffix(".png").name
+
+    def _semantic(self, info: dict, h: int, w: int) -> torch.Tensor:
+        path = self._semantic_path(info)
+        with Image.open(path) as im:
+            if im.size != (w, h):
+                raise DataError(f"{path}: label map is {im.size[0]}x{im.size[1]}, its image {w}x{h}")
+            if im.mode not in ("L", "P"):
+                raise DataError(f"{path}: a label map must be a single-channel PNG (mode L or P), got {im.mode}")
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).astype(np.int64))
 
     @staticmethod
     def _trainable(ann: dict) -> bool:
@@ -251,13 +273,16 @@ class CocoDetection(Dataset):
         if self.with_masks:
             masks = [ann_to_mask(self.coco, a, h, w) for a in anns]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        if self.semantic_dir is not None:
+            target["semantic"] = self._semantic(info, h, w)
         if self.transform is not None:
             image, target = self.transform(image, target, np.random.default_rng(seed))
         return {"image": image, "target": target, "ori_size": (h, w), "path": str(self.img_dir / info["file_name"])}
 
 
-def build_det_dataset(data, train: bool) -> CocoDetection:
-    """A :class:`CocoDetection` from the ``data`` config section (``train`` or ``test`` split).
+def build_det_dataset(data, train: bool, semantic: bool = False) -> CocoDetection:
+    """A :class:`CocoDetection` from the ``data`` config section (``train`` or ``test`` split); ``semantic``: the
+    training split's label maps too (``data.train.semantic_dir``, for a head with a semantic branch).
 
     ``data.train.pipeline``: ``1x`` (resize to one of ``scales`` + flip) or ``3x`` (:class:`DetrTransform`).
     ``data.num_classes`` sizes the head, so it must match the file's categories."""
@@ -268,8 +293,10 @@ def build_det_dataset(data, train: bool) -> CocoDetection:
         transform = DetrTransform(scales, flip_prob=float(split.get("flip_prob", 0.5)))
     elif pipeline in ("1x", "test"):
         transform = DetTransform(scales, float(split.get("flip_prob", 0.0)) if train else 0.0)
+    elif pipeline == "range":
+        transform = DetTransform(scales, float(split.get("flip_prob", 0.5)), mode="range")
     else:
-        raise ValueError(f"data.train.pipeline must be 1x or 3x, got {pipeline!r}")
+        raise ValueError(f"data.train.pipeline must be 1x, 3x or range, got {pipeline!r}")
     return CocoDetection(
         split.img_dir,
         split.ann_file,
@@ -278,4 +305,5 @@ def build_det_dataset(data, train: bool) -> CocoDetection:
         on_bad_sample=data.get("on_bad_sample", "error"),
         transform=transform,
         num_classes=int(data.num_classes) if data.get("num_classes") is not None else None,
+        semantic_dir=split.get("semantic_dir") if train and semantic else None,
     )

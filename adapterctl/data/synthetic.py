@@ -121,7 +121,9 @@ def _polygon_of(kind: str, cy: float, cx: float, r: float) -> list[float]:
 def write_det_dataset(
     out: str | Path, n_train: int = 120, n_val: int = 30, seed: int = 0, size_range: tuple[int, int] = (160, 256)
 ) -> Path:
-    """Write a COCO-format synthetic dataset: ``{train,val}/*.jpg`` and ``annotations/instances_{split}.json``.
+    """Write a COCO-format synthetic dataset: ``{train,val}/*.jpg``, ``annotations/instances_{split}.json`` and,
+    for HTC++'s semantic branch, COCO-stuff-style label maps ``stuffthingmaps/{split}/*.png`` (each category's
+    contiguous index 0..3 on its objects, 4 = the background "stuff", 255 = void on crowd regions).
 
     Squares and triangles carry polygon masks, discs and rings RLE masks; some images hold a crowd region
     (``iscrowd=1``, RLE) and some hold no object at all.
@@ -135,13 +137,16 @@ def write_det_dataset(
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": i, "name": n, "supercategory": "shape"} for i, n in DET_CATEGORIES]
     ann_id = 1
+    label_of = {cat_id: i for i, (cat_id, _) in enumerate(DET_CATEGORIES)}
     for split, n in (("train", n_train), ("val", n_val)):
         (out / split).mkdir(parents=True, exist_ok=True)
+        (out / "stuffthingmaps" / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(n):
             h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
             img = np.asarray(_COLOURS[0], np.float32) + 25 * _texture(0, h, w, rng)[..., None]
             img_id = i + 1
+            semantic = np.full((h, w), len(DET_CATEGORIES), np.uint8)  # the background stuff class
             n_obj = 0 if rng.random() < 0.1 else int(rng.integers(1, 5))
             for _ in range(n_obj):
                 cat_id, _name = DET_CATEGORIES[int(rng.integers(len(DET_CATEGORIES)))]
@@ -162,6 +167,7 @@ def write_det_dataset(
                     continue
                 colour = np.asarray(_DET_COLOURS[cat_id], np.float32) + rng.normal(0, 10, 3)
                 img[mask.astype(bool)] = colour
+                semantic[mask.astype(bool)] = label_of[cat_id]
                 x0, y0, bw, bh = mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask))).tolist()
                 annotations.append(
                     {
@@ -181,6 +187,7 @@ def write_det_dataset(
                     y, x = int(rng.integers(5, h - 5)), int(rng.integers(5, w - 5))
                     crowd[y - 3 : y + 3, x - 3 : x + 3] = 1
                 img[crowd.astype(bool)] = _DET_COLOURS[1]
+                semantic[crowd.astype(bool)] = 255
                 rle = mask_utils.encode(np.asfortranarray(crowd))
                 x0, y0, bw, bh = mask_utils.toBbox(rle).tolist()
                 annotations.append(
@@ -198,6 +205,7 @@ def write_det_dataset(
             img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
             name = f"synth_{split}_{i:05d}.jpg"
             Image.fromarray(img).save(out / split / name, quality=95)
+            Image.fromarray(semantic).save(out / "stuffthingmaps" / split / name.replace(".jpg", ".png"))
             images.append({"id": img_id, "file_name": name, "height": h, "width": w})
         coco = {
             "images": images,

@@ -110,8 +110,14 @@ class DetectionTask:
     def dataset(self, train: bool):
         from adapterctl.data.coco import build_det_dataset
 
-        dataset = build_det_dataset(self.cfg.data, train=train)
         data = self.cfg.data
+        semantic = bool(self.cfg.head.get("semantic_labels", False))  # a head with a semantic branch (HTC++)
+        if train and semantic and not data.train.get("semantic_dir"):
+            raise ConfigError(
+                f"head={self.cfg.head.name} trains a semantic branch on COCO stuff maps: set data.train.semantic_dir "
+                "(the stuffthingmaps/train2017 folder; datasets/README.md, 'COCO stuff maps')"
+            )
+        dataset = build_det_dataset(data, train=train, semantic=semantic)
         if train and data.get("category_ids") is None:  # the run's config (and checkpoints) name the classes
             data.classes = list(data.classes) if data.get("classes") else dataset.labels.names
             data.category_ids = dataset.labels.cat_ids

@@ -140,6 +140,34 @@ def build_cascade_detector(cfg: DictConfig, backbone: nn.Module | None = None) -
     )
 
 
+def build_htc_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
+    """ViT-Adapter (detection form) + ExtraAttention + FPN + the ViT-Adapter HTC++ heads (mmdet 2.22)."""
+    from adapterctl.models.detector import AdapterHTC, HTCBackbone
+
+    body = backbone if backbone is not None else build_backbone(cfg.model)
+    head = cfg.head
+    neck = HTCBackbone(
+        body, int(head.fpn_channels), num_heads=int(head.extra_attention_heads),
+        drop_path=float(head.extra_attention_drop_path),
+    )  # fmt: skip
+    return AdapterHTC(
+        neck,
+        int(head.num_classes),
+        image_mean=list(cfg.data.mean),
+        image_std=list(cfg.data.std),
+        conv_channels=int(head.conv_channels),
+        fc_channels=int(head.fc_channels),
+        semantic_classes=int(head.semantic_classes),
+        semantic_loss_weight=float(head.semantic_loss_weight),
+        rpn_post_nms_top_n_train=int(head.rpn_post_nms_top_n_train),
+        box_batch_size_per_image=int(head.box_batch_size_per_image),
+        box_score_thresh=float(head.score_thresh),
+        box_nms_thresh=float(head.nms_thresh),
+        box_detections_per_img=int(head.max_per_img),
+        mask_threshold=float(head.mask_threshold),
+    )
+
+
 def _official(label: str, marks: tuple[str, ...], overrides: str, convert: str) -> OfficialHeads:
     """An :class:`OfficialHeads` whose functions live in ``adapterctl.models.detector`` (imported when used)."""
 
@@ -177,9 +205,23 @@ HEADS.register(
         ),
     ),
 )
-HEADS.register("cascade_maskrcnn", HeadEntry(build_cascade_detector, ("detection",), _official(
-    "Cascade Mask R-CNN", ("roi_head.bbox_head.0.fc_cls.weight", "roi_head.bbox_head.2.fc_cls.weight"),
-    "mmdet_cascade_overrides", "convert_mmdet_cascade")))  # fmt: skip
+HEADS.register(
+    "cascade_maskrcnn",
+    HeadEntry(
+        build_cascade_detector,
+        ("detection",),
+        _official(
+            "Cascade Mask R-CNN",
+            ("roi_head.bbox_head.0.fc_cls.weight", "roi_head.bbox_head.2.fc_cls.weight"),
+            "mmdet_cascade_overrides",
+            "convert_mmdet_cascade",
+        ),
+    ),
+)
+HEADS.register("htc", HeadEntry(build_htc_detector, ("detection",), _official(
+    "HTC++", ("roi_head.bbox_head.0.fc_cls.weight", "roi_head.semantic_head.conv_logits.weight",
+              "neck.0.attn.qkv.weight"),
+    "mmdet_htc_overrides", "convert_mmdet_htc")))  # fmt: skip
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
