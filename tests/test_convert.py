@@ -212,3 +212,47 @@ def test_convert_official_cascade_checkpoint(tmp_path):
     for ours, want in zip(stages, fx["stages"], strict=True):
         torch.testing.assert_close(ours["cls_score"], want["cls_score"], atol=1e-4, rtol=0)
         torch.testing.assert_close(ours["bbox_pred"], want["bbox_pred"], atol=1e-4, rtol=0)
+
+
+def test_convert_official_htc_checkpoint(tmp_path):
+    """A full mmdet HTC++ checkpoint (16-d backbone + the HTC fixture's neck.0 / neck.1 / RPN / RoI heads):
+    recognised as HTC++, ExtraAttention and semantic widths read off, the converted model gives the official
+    ExtraAttention, FPN and semantic outputs."""
+    from omegaconf import OmegaConf
+
+    from adapterctl.engine.checkpoint import load_checkpoint
+    from adapterctl.models.build import build_model
+    from adapterctl.models.official import to_official_backbone
+    from adapterctl.models.zoo import build_vit_adapter
+
+    from .conftest import FIXTURES
+
+    fx = torch.load(FIXTURES / "official_htc_a.pt", map_location="cpu", weights_only=True)
+    kwargs = dict(
+        img_size=32, embed_dim=16, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2,
+        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+    )  # fmt: skip
+    backbone = build_vit_adapter(**kwargs, vit_feature_mode="final")
+    official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
+    official.update(fx["state_dict"])
+    src = tmp_path / "htc_official.pth"
+    torch.save({"state_dict": official}, src)
+    dst = tmp_path / "htc.safetensors"
+    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
+    result = runner.invoke(
+        app,
+        ["convert", str(src), str(dst), "--variant", "detection", "data=synthetic_det", "head.extra_attention_heads=4",
+         *overrides],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "HTC++" in result.output and "not converted" not in result.output
+    cfg = OmegaConf.create(load_checkpoint(dst)["config"])
+    assert (cfg.head.name, cfg.head.num_classes, cfg.head.semantic_classes, cfg.head.fpn_channels) == ("htc", 3, 9, 32)
+    model = build_model(cfg).eval()
+    model.load_state_dict(load_checkpoint(dst)["model"])  # strict
+    with torch.no_grad():
+        maps = model.backbone.extra_attention(list(fx["inputs"]))
+        torch.testing.assert_close(maps[-1], fx["extra_attention_out"], atol=1e-5, rtol=0)
+        feats = model.backbone.fpn(dict((str(i), f) for i, f in enumerate(maps)))
+        logits, _ = model.roi_heads.semantic(feats)
+    torch.testing.assert_close(logits, fx["semantic_pred"], atol=1e-4, rtol=0)

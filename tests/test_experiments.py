@@ -141,6 +141,38 @@ def test_cascade_rows_carry_the_official_settings():
         assert f"experiment={name}" in dry.stdout, dry.stderr
 
 
+def test_htc_row_carries_the_official_settings():
+    import torch
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+
+    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    name = "coco_htc_vit_adapter_l_augreg_3x"
+    r = rows[name]
+    assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (1e-4, 0.05, 0.9, 0.4)
+    assert (r["paper"]["box_ap"], r["paper"]["mask_ap"], r["batch"], r["amp"], r["with_cp"]) == (
+        56.6, 49.0, "16x1", "none", True
+    )  # fmt: skip
+    cfg = compose("train", [f"experiment={name}"])
+    assert (cfg.head.name, cfg.head.semantic_classes, cfg.head.max_per_img, cfg.head.score_thresh) == (
+        "htc", 183, 300, 0.001
+    )  # fmt: skip
+    assert cfg.head.extra_attention_heads == 32 and cfg.head.extra_attention_drop_path == 0.4
+    assert cfg.data.train.pipeline == "range" and [list(s) for s in cfg.data.train.scales] == [
+        [1600, 400],
+        [1600, 1400],
+    ]
+    assert cfg.data.train.semantic_dir.endswith("stuffthingmaps/train2017")
+    assert [list(s) for s in cfg.data.test.scales] == [[1600, 1400]] and cfg.model.img_size == 384
+    assert [i for i, on in enumerate(cfg.model.window_attn) if not on] == [5, 11, 17, 23]
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 401) < 1.0
+    dry = subprocess.run(["make", "-n", name, "GPUS=8", "NNODES=2"], cwd=REPO, capture_output=True, text=True)
+    assert f"experiment={name}" in dry.stdout, dry.stderr
+
+
 def _leaves(node, prefix=""):
     if isinstance(node, dict):
         for k, v in node.items():
