@@ -104,8 +104,36 @@ def test_predict_writes_detections_and_export_refuses_clearly(synth_det, tmp_pat
             assert r["category_id"] in (1, 3, 7, 12) and r["bbox"][2] >= 0 and r["bbox"][3] >= 0
             assert r["segmentation"]["size"] == rows["size"]
         assert (tmp_path / "pred" / f"{img.stem}_overlay.jpg").is_file()
-    result = runner.invoke(app, ["export", f"ckpt={final}"])
-    assert result.exit_code == 1 and "export handles segmentation checkpoints" in result.output
+    result = runner.invoke(app, ["export", f"ckpt={final}", "format=torchscript", f"paths.output_dir={tmp_path}"])
+    assert result.exit_code == 1 and "export detection to onnx or torch_export" in result.output
+    assert not list(tmp_path.glob("*.ts"))
+
+
+@pytest.mark.parametrize(
+    ("head", "fmt"), [("maskrcnn", "onnx"), ("cascade_maskrcnn", "torch_export"), ("htc", "torch_export")]
+)
+def test_detection_export_matches_eager_on_a_sample_image(synth_det, tmp_path, head, fmt):
+    """``adapterctl export`` of a detector: boxes, scores, labels, masks at a fixed input size; the exported
+    graph (onnxruntime / torch.export) finds the eager detections on a real image, box and score gaps stated."""
+    out = tmp_path / "run"
+    if head == "htc":
+        overrides = _htc_overrides(synth_det, out, max_iters=1) + ["head.max_per_img=20"]
+    else:
+        overrides = tiny_det_overrides(synth_det, out, max_iters=1)
+        if head != "maskrcnn":
+            overrides = [o for o in overrides if not o.startswith(("head=", "head.representation"))]
+            overrides += [f"head={head}", "head.conv_channels=16", "head.fc_channels=64"]
+    run_train(compose("train", overrides))
+    image = sorted((synth_det / "val").glob("*.jpg"))[0]
+    result = runner.invoke(
+        app,
+        ["export", f"ckpt={out / 'checkpoints' / 'final.pt'}", f"format={fmt}", "input_size=[128,160]",
+         f"image={image}", f"paths.output_dir={tmp_path}"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "outputs boxes, scores, labels, masks" in result.output and "labels identical" in result.output
+    n = int(result.output.split("parity with eager: ")[1].split(" detections")[0])
+    assert n > 0  # the check compared real detections
 
 
 def test_cascade_trains_evaluates_and_predicts_from_its_checkpoint(synth_det, tmp_path):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import nms
 
 from adapterctl.models.assign import RandomChoice, max_iou_assign, sample_pos_neg
+from adapterctl.models.detector import exporting
 
 STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 _MAX_RATIO = abs(math.log(16 / 1000))
@@ -59,6 +60,12 @@ def bbox2delta(proposals: Tensor, gt: Tensor, stds: Sequence[float]) -> Tensor:
     return deltas / deltas.new_tensor(stds)
 
 
+def _max_coordinate(b: Tensor) -> Tensor:
+    """``b.max()``; while exporting (the count is data-dependent) over the boxes and a 0, defined when empty (the
+    same value: the candidates are clipped to the image)."""
+    return torch.cat([b.flatten(), b.new_zeros(1)]).max() if exporting() else b.max()
+
+
 def multiclass_nms(
     boxes: Tensor, scores: Tensor, score_thr: float, iou_thr: float, max_num: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,9 +79,9 @@ def multiclass_nms(
     b, s, labels = b.reshape(-1, 4), s.reshape(-1), labels.reshape(-1)
     keep = torch.where(s > score_thr)[0]  # row-major: RoI-major, class-minor
     b, s, labels = b[keep], s[keep], labels[keep]
-    if b.numel() == 0:
+    if not exporting() and b.numel() == 0:
         return b, s, labels
-    offsets = labels.to(b) * (b.max() + torch.tensor(1).to(b))
+    offsets = labels.to(b) * (_max_coordinate(b) + torch.tensor(1).to(b))
     kept = nms(b + offsets[:, None], s, iou_thr)[:max_num]
     return b[kept], s[kept], labels[kept]
 
@@ -223,7 +230,7 @@ class CascadeRoIHeads(nn.Module):
 
     def mask_probs(self, features, boxes: Tensor, labels: Tensor, image_shape) -> Tensor:
         """The mean of the stage heads' sigmoid probabilities of each detection's class: (D, 28, 28)."""
-        if boxes.shape[0] == 0:
+        if not exporting() and boxes.shape[0] == 0:
             return boxes.new_zeros((0, 28, 28))
         feats = self.mask_features(features, [boxes], [image_shape])
         idx = torch.arange(boxes.shape[0], device=boxes.device)

@@ -29,11 +29,27 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, nms, roi_align
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
 
 _CPU = torch.device("cpu")
+
+
+def exporting() -> bool:
+    """True while ``torch.export`` / the ONNX exporter trace the model: sizes that depend on the data are then
+    symbolic, so no Python branch may read them (the export paths below take the branch-free form)."""
+    return torch.compiler.is_exporting()
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's ``batched_nms``; while exporting always its class-offset form (torchvision picks the form by
+    the box count, a data-dependent size)."""
+    if not exporting():
+        return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    top = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()  # = boxes.max() (clipped boxes), defined when empty
+    return nms(boxes + (idxs.to(boxes) * (top + 1))[:, None], scores, iou_threshold)
 
 
 class MMAnchorGenerator(AnchorGenerator):
@@ -82,7 +98,7 @@ class MMRoIAlign(MultiScaleRoIAlign):
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
         for lvl, (feat, scale) in enumerate(zip(feats, self.scales, strict=True)):
             idx = torch.where(levels == lvl)[0]
-            if idx.numel():
+            if exporting() or idx.numel():
                 pooled = roi_align(feat, rois[idx], self.output_size, scale, sampling_ratio=0, aligned=True)
                 out[idx] = pooled.to(out.dtype)
         return out
@@ -105,6 +121,29 @@ class MMRPN(RegionProposalNetwork):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.box_coder = MMBoxCoder((1.0, 1.0, 1.0, 1.0))
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        """torchvision's proposal selection (per-level top-n by score, sigmoid, clip, drop tiny and low-scoring
+        boxes, NMS per level, the first ``post_nms_top_n``) through :func:`batched_nms` (exportable)."""
+        n = proposals.shape[0]
+        objectness = objectness.detach().reshape(n, -1)
+        levels = torch.cat([torch.full((k,), i, dtype=torch.int64, device=proposals.device)
+                            for i, k in enumerate(num_anchors_per_level)])  # fmt: skip
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch = torch.arange(n, device=proposals.device)[:, None]
+        objectness, proposals = objectness[batch, top], proposals[batch, top]
+        levels = levels[None].expand(n, -1)[batch, top]
+        out_boxes, out_scores = [], []
+        for boxes, scores, lvl, shape in zip(proposals, objectness.sigmoid(), levels, image_shapes, strict=True):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = torch.where(scores >= self.score_thresh)[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+        return out_boxes, out_scores
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -138,6 +177,28 @@ class MMRoIHeads(RoIHeads):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.box_coder = MMBoxCoder(kwargs["bbox_reg_weights"])
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """torchvision's (softmax, per-class boxes clipped, background dropped, score threshold, tiny boxes
+        dropped, NMS per class, the first ``detections_per_img``) through :func:`batched_nms` (exportable)."""
+        k = class_logits.shape[-1]
+        counts = [p.shape[0] for p in proposals]
+        all_boxes = self.box_coder.decode(box_regression, proposals).split(counts, 0)
+        all_scores = F.softmax(class_logits, -1).split(counts, 0)
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, scores, shape in zip(all_boxes, all_scores, image_shapes, strict=True):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            labels = torch.arange(k, device=scores.device).view(1, -1).expand_as(scores)
+            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
@@ -193,6 +254,27 @@ def paste_masks(probs: Tensor, boxes: Tensor, h: int, w: int, threshold: float =
         sampled = F.grid_sample(probs[i][None, None].float(), grid, align_corners=False)[0, 0]
         out[i, y0i:y1i, x0i:x1i] = sampled >= threshold
     return out
+
+
+def paste_masks_dense(probs: Tensor, boxes: Tensor, h: int, w: int, threshold: float = 0.5) -> Tensor:
+    """The full-canvas paste (mmdet's GPU rule, ``skip_empty=False``) without a loop over detections: bilinear
+    sampling with zero padding is separable, so each mask is ``Wy @ P @ Wx^T`` with 1-D interpolation matrices.
+    Equal to :func:`paste_masks` inside each box's window (up to float rounding); outside it, large boxes can set
+    a few more pixels, as mmdet on GPU does. (N, M, M), (N, 4) -> (N, h, w) bool."""
+    m = probs.shape[-1]
+
+    def weights(x0: Tensor, x1: Tensor, n: int) -> Tensor:  # (N, n, M): output pixel -> mask cell weights
+        g = ((torch.arange(n, device=probs.device, dtype=torch.float32) + 0.5)[None] - x0[:, None]) / (x1 - x0)[:, None]
+        u = torch.nan_to_num(g * 2 - 1, posinf=0.0, neginf=0.0)
+        u = ((u + 1) * m - 1) / 2  # grid_sample's unnormalisation, align_corners=False
+        i0 = torch.floor(u)
+        frac = u - i0
+        cells = torch.arange(m, device=probs.device, dtype=torch.float32)
+        return (cells == i0[..., None]) * (1 - frac)[..., None] + (cells == i0[..., None] + 1) * frac[..., None]
+
+    b = boxes.float()
+    wy, wx = weights(b[:, 1], b[:, 3], h), weights(b[:, 0], b[:, 2], w)
+    return (wy @ probs.float() @ wx.transpose(1, 2)) >= threshold
 
 
 class MMTransform(GeneralizedRCNNTransform):

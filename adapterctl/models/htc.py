@@ -31,9 +31,11 @@ from adapterctl.models.cascade import (
     FCNMaskHead,
     _box_losses,
     _mask_loss,
+    _max_coordinate,
     _refine,
     _sample,
 )
+from adapterctl.models.detector import exporting
 
 SEMANTIC_IGNORE = 255
 
@@ -174,6 +176,8 @@ def soft_nms(
     step; ``max_num`` > 0 stops after that many (later steps never change earlier selections).
 
     Returns (scores at selection, indices into ``boxes``) in selection order."""
+    if exporting():
+        return _soft_nms_unrolled(boxes, scores, iou_threshold, min_score, max_num)
     n = boxes.shape[0]
     if n == 0:
         return scores.new_zeros(0), torch.zeros(0, dtype=torch.long, device=boxes.device)
@@ -213,6 +217,36 @@ def soft_nms(
     return torch.stack(out_scores), torch.stack(out_idx)
 
 
+def _soft_nms_unrolled(boxes: Tensor, scores: Tensor, iou_threshold: float, min_score: float, max_num: int):
+    """:func:`soft_nms` without data-dependent sizes, for exported graphs: ``max_num`` unrolled selections over an
+    alive mask (the same arithmetic; exact score ties go to the lowest index rather than mmcv's working order)."""
+    if max_num <= 0:
+        raise ValueError("exporting soft-NMS needs max_num > 0 (the unrolled selections)")
+    b, s = boxes.float(), scores.float().clone()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    alive = s >= min_score
+    index = torch.arange(b.shape[0], device=b.device)
+    b_pad, area_pad = torch.cat([b, b.new_zeros(1, 4)]), torch.cat([area, area.new_zeros(1)])  # a sentinel row
+    picked, picked_scores, valid = [], [], []
+    for _ in range(max_num):
+        masked = torch.cat([torch.where(alive, s, torch.full_like(s, -1.0)), s.new_full((1,), -1.0)])
+        j = torch.argmax(masked)  # the sentinel when nothing is left
+        ok = masked[j] >= 0
+        sel, sel_area = b_pad[j], area_pad[j]
+        picked.append(j)
+        picked_scores.append(masked[j])
+        valid.append(ok)
+        alive = alive & (index != j)
+        xx1, yy1 = torch.maximum(sel[0], b[:, 0]), torch.maximum(sel[1], b[:, 1])
+        xx2, yy2 = torch.minimum(sel[2], b[:, 2]), torch.minimum(sel[3], b[:, 3])
+        inter = (xx2 - xx1).clamp(min=0) * (yy2 - yy1).clamp(min=0)
+        ovr = inter / (sel_area + area - inter)
+        s = torch.where(alive & (ovr >= iou_threshold), s * (1 - ovr), s)
+        alive = alive & (s >= min_score)
+    keep = torch.stack(valid)
+    return torch.stack(picked_scores)[keep], torch.stack(picked)[keep]
+
+
 def multiclass_soft_nms(
     boxes: Tensor, scores: Tensor, score_thr: float, iou_thr: float, max_num: int, min_score: float = 1e-3
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -226,9 +260,9 @@ def multiclass_soft_nms(
     b, s, labels = b.reshape(-1, 4), s.reshape(-1), labels.reshape(-1)
     keep = torch.where(s > score_thr)[0]
     b, s, labels = b[keep], s[keep], labels[keep]
-    if b.numel() == 0:
+    if not exporting() and b.numel() == 0:
         return b, s, labels
-    offsets = labels.to(b) * (b.max() + torch.tensor(1).to(b))
+    offsets = labels.to(b) * (_max_coordinate(b) + torch.tensor(1).to(b))
     new_scores, kept = soft_nms(b + offsets[:, None], s, iou_thr, min_score, max_num)
     return b[kept], new_scores, labels[kept]
 
@@ -280,7 +314,7 @@ class HTCRoIHeads(CascadeRoIHeads):
         return out
 
     def mask_probs(self, features, boxes: Tensor, labels: Tensor, image_shape) -> Tensor:
-        if boxes.shape[0] == 0:
+        if not exporting() and boxes.shape[0] == 0:
             return boxes.new_zeros((0, 28, 28))
         feats = self.mask_features(features, [boxes], [image_shape])
         idx = torch.arange(boxes.shape[0], device=boxes.device)
