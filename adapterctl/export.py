@@ -78,10 +78,13 @@ def export_model(
         raise ValueError(f"input_size must be multiples of 32, got {list(input_size)}")
     if fmt == "onnx" and opset < 16:
         raise ValueError(f"ONNX export needs opset >= 16 (GridSample), got {opset}")
+    import warnings
+
     from adapterctl.files import atomic_path
 
     wrapped = _exportable(model, task)
     example = torch.rand(1, 3, *map(int, input_size)) * 255
+    warnings.filterwarnings("ignore", message=".*create_unbacked_symint.*")  # torchvision's nms meta, not ours
     with torch.no_grad(), atomic_path(path) as tmp:
         if fmt == "onnx":
             program = torch.onnx.export(

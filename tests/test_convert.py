@@ -256,3 +256,46 @@ def test_convert_official_htc_checkpoint(tmp_path):
         feats = model.backbone.fpn(dict((str(i), f) for i, f in enumerate(maps)))
         logits, _ = model.roi_heads.semantic(feats)
     torch.testing.assert_close(logits, fx["semantic_pred"], atol=1e-4, rtol=0)
+
+
+def test_convert_official_htc_beit_checkpoint(tmp_path):
+    """An official HTC++ BEiT-Adapter file (the detection copy of BEiT: per-window tables, their index buffers, no
+    cls token) converts with --model beit_adapter_l --variant detection and loads strict."""
+    from omegaconf import OmegaConf
+
+    from adapterctl.engine.checkpoint import load_checkpoint
+    from adapterctl.models.beit_adapter import build_from_config
+    from adapterctl.models.build import build_model
+    from adapterctl.models.official import to_official_backbone
+
+    from .conftest import FIXTURES
+
+    fx = torch.load(FIXTURES / "official_htc_a.pt", map_location="cpu", weights_only=True)
+    kwargs = dict(
+        img_size=32, embed_dim=16, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2, init_values=0.1,
+        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], window_size=[3, 3, 3, 5],
+    )  # fmt: skip
+    backbone = build_from_config("l", "detection", **kwargs)  # what model=beit_adapter_l + the overrides build
+    official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
+    for i, block in enumerate(backbone.trunk.vit.blocks):  # the official blocks keep their index buffers
+        official[f"backbone.blocks.{i}.attn.relative_position_index"] = block.attn.relative_position_index
+    assert not any("cls_token" in k for k in official)
+    official.update(fx["state_dict"])
+    src = tmp_path / "htc_beit_official.pth"
+    torch.save({"state_dict": official}, src)
+    dst = tmp_path / "htc_beit.safetensors"
+    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
+    result = runner.invoke(
+        app,
+        ["convert", str(src), str(dst), "--model", "beit_adapter_l", "--variant", "detection", "data=synthetic_det",
+         "head.extra_attention_heads=4", *overrides],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "HTC++" in result.output and "not converted" not in result.output
+    state = load_checkpoint(dst)
+    cfg = OmegaConf.create(state["config"])
+    assert (cfg.model.family, cfg.model.layout, cfg.head.name) == ("beit_adapter", "detection", "htc")
+    model = build_model(cfg).eval()
+    model.load_state_dict(state["model"])  # strict
+    for k, v in backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.body.state_dict()[k], v)

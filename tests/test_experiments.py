@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from typer.testing import CliRunner
 
 from adapterctl.cli import app
@@ -170,6 +171,32 @@ def test_htc_row_carries_the_official_settings():
         model = build_model(cfg)
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 401) < 1.0
     dry = subprocess.run(["make", "-n", name, "GPUS=8", "NNODES=2"], cwd=REPO, capture_output=True, text=True)
+    assert f"experiment={name}" in dry.stdout, dry.stderr
+    assert list(cfg.optim.no_decay_keys) == []  # the HTC++ configs: LayerDecayOptimizerConstructor, no custom keys
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "box", "mask"),
+    [("coco_htc_beit_adapter_l_3x", "beit_large_patch16_224_pt22k_ft22k.pth", 58.4, 50.8),
+     ("coco_htc_beitv2_adapter_l_3x", "beitv2_large_patch16_224_pt1k_ft21k.pth", 58.8, 51.1)],
+)  # fmt: skip
+def test_htc_beit_rows_run_the_detection_copy_of_beit(name, weights, box, mask):
+    import torch
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+
+    cfg = compose("train", [f"experiment={name}"])
+    assert (cfg.paper.box_ap, cfg.paper.mask_ap, cfg.model.family, cfg.model.layout) == (
+        box, mask, "beit_adapter", "detection"
+    )  # fmt: skip
+    assert cfg.model.pretrained.endswith(weights) and cfg.model.drop_path_rate == 0.4 and cfg.model.init_values == 1e-6
+    assert [i for i, s in enumerate(cfg.model.window_size) if s == 56] == [5, 11, 17, 23] and all(cfg.model.window_attn)
+    assert (cfg.head.extra_attention_drop_path, cfg.head.max_per_img, cfg.optim.layer_decay_rate) == (0.3, 100, 0.9)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 401) < 1.0
+    dry = subprocess.run(["make", "-n", name], cwd=REPO, capture_output=True, text=True)
     assert f"experiment={name}" in dry.stdout, dry.stderr
 
 

@@ -4,7 +4,8 @@ BEiT-Adapter is built for, as the official loader (``mmcv_custom/checkpoint.py``
 The relative-position tables of a 224 pretraining (window 14, table 27x27 + 3 rows) are resampled to the fine-tune
 window (40 at 640, 56 at 896) on a geometric grid: the source offsets are placed at ``±(1, 1+q, 1+q+q², ...)`` with
 ``q`` found by bisection so that the outermost one lands near the target's half-width, then a bicubic spline is
-evaluated at the integer target offsets. The three cls rows are kept as they are. The official code calls
+evaluated at the integer target offsets. The three cls rows are kept as they are (the detection copy, which has no
+cls token, drops them, as its loader does). The official code calls
 ``scipy.interpolate.interp2d(kind='cubic')``, which current SciPy no longer has; ``RectBivariateSpline`` with
 ``kx=ky=3, s=0`` gives the same numbers bit for bit (beit_README.md §4).
 """
@@ -84,9 +85,12 @@ def load_beit_weights(beit: nn.Module, path: str | Path) -> LoadReport:
         if table is not None and key in target:
             window = tuple(block.attn.window_size)
             try:
-                out[key] = resize_rel_pos_table(table, window)
+                resized = resize_rel_pos_table(table, window)
             except NotImplementedError as exc:
                 raise CheckpointError(f"{path}: {exc}") from None
+            if target[key].shape[0] == resized.shape[0] - _EXTRA_ROWS:  # the detection copy's table: no cls rows
+                resized = resized[:-_EXTRA_ROWS]
+            out[key] = resized
     for key, value in sd.items():
         if key.endswith("relative_position_index"):
             continue  # structural: the model builds its own for its window

@@ -135,6 +135,8 @@ def run_convert(
     if family == "vit_adapter":  # which official copy of the class: segmentation or detection outputs
         mode = "per_interaction" if variant == "segmentation" else "final"
         head_overrides.insert(0, f"model.vit_feature_mode={mode}")
+    elif family == "beit_adapter" and variant == "detection":  # the official detection copy (HTC++)
+        head_overrides.insert(0, "model.layout=detection")
     elif variant != "segmentation":
         raise ConversionError(f"--variant {variant}: model '{model}' ({family}) converts segmentation checkpoints only")
     if family == "beit_adapter":

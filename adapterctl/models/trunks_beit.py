@@ -9,6 +9,12 @@ What differs from the plain ViT (``TimmViTTrunk``), as the official code compute
 
 ``interpolate_rel_pos`` (off by default) lets other input sizes through: each block's table is resized bicubically
 to the input's window for that forward. That is not what the official code computes (it fails on such inputs).
+
+The detection copy (``apply_window_attention`` with windows: the official ``detection/.../base/beit.py``, which
+HTC++ BEiT-Adapter-L runs) differs again: no cls token at all, and each block attends within its own square
+window (14, or 56 at the end of each interaction group), its relative-position table sized for that window with
+no cls rows. Windows are taken after ``norm1`` on the map zero-padded at the bottom/right to a multiple of the
+window; the padded (zero) tokens take part in every window's attention as the official code lets them.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class TimmBeitTrunk:
         self.window = tuple(int(s) for s in vit.patch_embed.grid_size)
         self._interpolate = False
         self._warned = False
+        self.windows: list[int | None] | None = None  # the detection copy's per-block windows (None: segmentation)
 
     @property
     def interpolate_rel_pos(self) -> bool:
@@ -52,10 +59,14 @@ class TimmBeitTrunk:
     @interpolate_rel_pos.setter
     def interpolate_rel_pos(self, value: bool) -> None:
         self._interpolate = bool(value)
-        self.vit.patch_embed.strict_img_size = not self._interpolate  # timm's own size check
+        # timm's own size check; the detection copy's windows take any size
+        self.vit.patch_embed.strict_img_size = not (self._interpolate or self.windows is not None)
 
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         hw = (images.shape[-2] // 16, images.shape[-1] // 16)
+        if self.windows is not None:  # the detection copy: any size, no cls token
+            tokens = self.vit.patch_embed(images)
+            return self.vit.pos_drop(tokens), tokens.new_zeros(tokens.shape[0], 0, tokens.shape[2]), hw
         if hw != self.window:
             h, w = self.window
             if not self.interpolate_rel_pos:
@@ -78,6 +89,11 @@ class TimmBeitTrunk:
     def run_blocks(
         self, tokens: Tensor, prefix: Tensor, first: int, last: int, hw: tuple[int, int], checkpoint: bool
     ) -> tuple[Tensor, Tensor]:
+        if self.windows is not None:
+            for i in range(first, last + 1):
+                run = partial(_window_block, self.vit.blocks[i], tuple(hw), self.windows[i])
+                tokens = checkpointed(run, tokens, enabled=checkpoint)
+            return tokens, prefix
         n = prefix.shape[1]
         x = torch.cat([prefix, tokens], dim=1)
         resized = tuple(hw) != self.window
@@ -100,8 +116,27 @@ class TimmBeitTrunk:
     def apply_window_attention(
         self, window_attn: Sequence[bool] | None, window_size: Sequence[int | None] | int | None
     ) -> None:
-        if window_attn is not None and any(window_attn):
-            raise ValueError("window attention is not available on BEiT blocks (the official detection copy is ViT)")
+        """The detection copy (module docstring): every block windowed, ``window_size`` per block (or one for
+        all); each block's table is replaced by one for its window, without cls rows, and the cls token goes."""
+        if window_attn is None or not any(window_attn):
+            return
+        sizes = [window_size] * self.depth if not isinstance(window_size, Sequence) else list(window_size)
+        if not all(window_attn) or len(sizes) != self.depth or any(s is None or int(s) < 1 for s in sizes):
+            raise ValueError(
+                "the BEiT detection copy windows every block: window_attn all true and a window_size per block "
+                f"({self.depth}), got window_attn={list(window_attn)}, window_size={sizes}"
+            )
+        if self.vit.rel_pos_bias is not None:
+            raise ValueError("the BEiT detection copy needs a table per block (use_shared_rel_pos_bias=False)")
+        self.windows = [int(s) for s in sizes]
+        for block, w in zip(self.vit.blocks, self.windows, strict=True):
+            attn = block.attn
+            heads = attn.relative_position_bias_table.shape[1]
+            attn.window_size = (w, w)
+            attn.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, heads))
+            attn.register_buffer("relative_position_index", _window_index(w), persistent=False)
+        self.vit.cls_token = None
+        self.vit.patch_embed.strict_img_size = False  # any input size: the windows, not img_size, fix the tables
 
 
 def resized_rel_pos_bias(attn: nn.Module, hw: tuple[int, int]) -> Tensor:
@@ -129,3 +164,41 @@ def _run_resized(block: nn.Module, hw: tuple[int, int], x: Tensor) -> Tensor:
         return block(x, shared_rel_pos_bias=bias)
     finally:
         attn.relative_position_bias_table = table
+
+
+def _window_index(w: int) -> Tensor:
+    """The (w*w, w*w) index into a ``(2w-1)^2``-row table (the official detection BEiT's, no cls rows)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+    return rel[..., 0] * (2 * w - 1) + rel[..., 1]
+
+
+def _window_attention(attn: nn.Module, x: Tensor, hw: tuple[int, int], w: int) -> Tensor:
+    """The official detection ``Attention`` (windowed): (B, h*w, C) normed tokens -> (B, h*w, C)."""
+    b, _, c = x.shape
+    h, wd = hw
+    hp, wp = -(-h // w) * w, -(-wd // w) * w
+    x = F.pad(x.view(b, h, wd, c), (0, 0, 0, wp - wd, 0, hp - h))
+    x = x.view(b, hp // w, w, wp // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+    bias = None
+    if attn.q_bias is not None:
+        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.qkv.weight, bias).reshape(x.shape[0], w * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]
+    table = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+    logits = q @ k.transpose(-2, -1) + table.view(w * w, w * w, -1).permute(2, 0, 1).unsqueeze(0).to(q.dtype)
+    y = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    y = attn.proj_drop(attn.proj(y.transpose(1, 2).reshape(x.shape[0], w * w, -1)))
+    y = y.view(b, hp // w, wp // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+    return y[:, :h, :wd].reshape(b, h * wd, c)
+
+
+def _window_block(block: nn.Module, hw: tuple[int, int], w: int, x: Tensor) -> Tensor:
+    """A timm BEiT block run as the official detection ``Block`` (windowed attention, layer scale)."""
+    y = _window_attention(block.attn, block.norm1(x), hw, w)
+    if block.gamma_1 is None:
+        x = x + block.drop_path1(y)
+        return x + block.drop_path2(block.mlp(block.norm2(x)))
+    x = x + block.drop_path1(block.gamma_1 * y)
+    return x + block.drop_path2(block.gamma_2 * block.mlp(block.norm2(x)))

@@ -157,14 +157,25 @@ BEIT_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def beit_model_kwargs(size: str | None = None, layout: str = "segmentation", **given: Any) -> dict[str, Any]:
-    """``build_beit_adapter`` arguments: a BEiT size's values, then every given key that is not null. BEiT-Adapter
-    has the segmentation layout only (the official detection rows use the ViT copy's windows on ViT)."""
+    """``build_beit_adapter`` arguments: a BEiT size's values, then every given key that is not null.
+    ``layout="detection"`` is the official detection copy (HTC++): every block windowed, 14x14 windows and 56x56
+    at the last block of each interaction group, no cls token, the final ViT map added to every output."""
     if size is not None and size not in BEIT_VARIANTS:
         raise ValueError(f"unknown BEiT-Adapter size {size!r}; choose one of {sorted(BEIT_VARIANTS)}")
-    if layout != "segmentation":
-        raise ValueError(f"BEiT-Adapter has the segmentation layout only, got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     kwargs = copy.deepcopy(BEIT_VARIANTS[size]) if size is not None else {}
     kwargs.update({k: v for k, v in given.items() if v is not None})
+    if layout == "detection":
+        depth = int(kwargs.get("depth", 24))
+        groups = kwargs.get("interaction_indexes", ((0, 5), (6, 11), (12, 17), (18, 23)))
+        ends = {int(g[-1]) for g in groups}
+        derived = dict(
+            window_attn=[True] * depth,
+            window_size=[56 if i in ends else 14 for i in range(depth)],
+            vit_feature_mode="final",
+        )
+        kwargs = {**derived, **kwargs}
     return kwargs
 
 
