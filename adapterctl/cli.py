@@ -206,6 +206,18 @@ def _run_guarded(fn, *args):
         if debug:
             raise
         raise _fail(_last_line(exc) + hint, code=1) from None
+    except BaseException:  # a bug: the traceback is shown; data workers (they ignore SIGTERM) must not block the exit
+        _stop_children()
+        raise
+
+
+def _stop_children() -> None:
+    """Kill this process's multiprocessing children (DataLoader workers) when leaving on an unexpected error:
+    interpreter exit would otherwise join workers that a traceback still holds, and SIGTERM does not stop them."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 def _last_line(exc: BaseException) -> str:

@@ -422,3 +422,48 @@ def test_vits_the_official_trunk_would_run_differently_get_the_prefix_trunk():
     assert isinstance(trunk_for(vit()), TimmViTTrunk)
     with pytest.raises(ValueError, match="position embedding"):
         trunk_for(vit(pos_embed="none"))
+
+
+_CRASH = """
+import sys
+sys.path.insert(0, {repo!r})
+from adapterctl.models import detector
+
+def boom(self, *args, **kwargs):
+    raise RuntimeError("a bug in the model")
+
+detector.AdapterMaskRCNN.forward = boom
+from tests.conftest import tiny_det_overrides
+from adapterctl.cli import app
+sys.argv = ["adapterctl", "train", *tiny_det_overrides({data!r}, {out!r}, num_workers=2)]
+app()
+"""
+
+
+def test_a_crash_with_data_workers_exits_instead_of_hanging(synth_det, tmp_path):
+    """The workers ignore SIGTERM (preemption belongs to the main process): an unexpected error in the step used
+    to leave the process waiting for them forever at exit. It now exits 1 with the traceback."""
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASH.format(repo=str(REPO), data=str(synth_det), out=str(tmp_path / "run")))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "a bug in the model" in proc.stderr + proc.stdout
+    assert time.monotonic() - start < 90
+
+
+def test_run_train_leaves_no_worker_behind_when_it_fails(synth_det, tmp_path, monkeypatch):
+    import multiprocessing
+
+    from adapterctl.models import detector
+
+    from .conftest import tiny_det_overrides
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("a bug in the model")
+
+    monkeypatch.setattr(detector.AdapterMaskRCNN, "forward", boom)
+    with pytest.raises(RuntimeError, match="a bug in the model") as failure:
+        run_train(compose("train", tiny_det_overrides(synth_det, tmp_path / "run", num_workers=2)))
+    # the traceback (held here, as a caller or the interpreter's exit holds it) keeps the loader alive
+    assert failure.tb is not None
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]

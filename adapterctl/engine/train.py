@@ -318,6 +318,9 @@ def run_train(cfg: DictConfig) -> dict:
         for handle in (locals().get("jsonl"), locals().get("writer")):
             if handle is not None:
                 handle.close()
+        # the workers ignore SIGTERM (preemption is the main process's), so one left running when the loop fails
+        # would block interpreter exit, which joins its children: stop them now (the iterator's own shutdown)
+        getattr(locals().get("data_iter"), "_shutdown_workers", lambda: None)()
         if finished:  # a rank leaving on an error must not wait for the others: torchrun stops them when it exits
             barrier()
         cleanup()
