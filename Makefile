@@ -31,7 +31,7 @@ COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s
 PAPER_ROWS := $(ADE20K_ROWS) $(M2F_ROWS) $(COCO_ROWS)
 ALL_ROWS := $(PAPER_ROWS) $(RECIPES)
 
-.PHONY: help install test test-all lint bench bench-m2f demo demo-m2f demo-det demo-cascade experiments faults $(ALL_ROWS)
+.PHONY: help install test test-all lint bench bench-m2f demo demo-m2f demo-det demo-cascade demo-htc experiments faults $(ALL_ROWS)
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,10 @@ demo-det: install ## Synthesise COCO-format data, train ViT-Adapter-T + Mask R-C
 demo-cascade: install ## The same synthetic COCO set, ViT-Adapter-T + Cascade Mask R-CNN on CPU, print box/mask AP
 	@test -d $(DEMO_DET_DATA)/annotations || $(VENV)/bin/adapterctl data synth --task det --out $(DEMO_DET_DATA)
 	$(VENV)/bin/adapterctl train experiment=synthetic_cascade_maskrcnn_vit_adapter_t_demo data.root=$(DEMO_DET_DATA)
+
+demo-htc: install ## The same synthetic COCO set (with its stuff maps), ViT-Adapter-T + HTC++ on CPU, print box/mask AP
+	@test -d $(DEMO_DET_DATA)/stuffthingmaps || $(VENV)/bin/adapterctl data synth --task det --out $(DEMO_DET_DATA)
+	$(VENV)/bin/adapterctl train experiment=synthetic_htc_vit_adapter_t_demo data.root=$(DEMO_DET_DATA)
 
 faults: install ## Kill / preempt / NaN / disk-full / unwritable / second-run scenarios end to end: what survived
 	$(PY) scripts/faults.py
