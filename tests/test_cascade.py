@@ -8,10 +8,10 @@ import torch
 
 from adapterctl.models.assign import ReplayChoice, box_iou_mm
 from adapterctl.models.cascade import multiclass_nms
-from adapterctl.models.detector import AdapterCascadeMaskRCNN, DetBackbone, convert_mmdet_cascade, paste_masks
+from adapterctl.models.detector import AdapterCascadeMaskRCNN, DetBackbone, convert_mmdet_cascade
 
 from .conftest import FIXTURES
-from .test_detector import _Maps
+from .test_detector import _Maps, assert_official_detections
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +54,7 @@ def test_end_to_end_detections_and_masks(fx, model):
     h, w = _hw(fx)
     with torch.no_grad():
         det = model([torch.zeros(3, h, w)])[0]
-    ref = fx["detections"]
-    assert len(det["boxes"]) == len(ref["boxes"]) == 98
-    assert torch.equal(det["labels"] - 1, ref["labels"])
-    torch.testing.assert_close(det["boxes"], ref["boxes"], atol=1e-3, rtol=0)
-    torch.testing.assert_close(det["scores"], ref["scores"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(det["mask_probs"], fx["mask_probs"], atol=1e-4, rtol=0)
-    n = fx["masks_packed"].shape[0]
-    bits = (fx["masks_packed"][:, :, None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
-    ref_masks = bits.reshape(n, -1)[:, : h * w].reshape(n, h, w).bool()
-    differ = det["masks"][:, 0] != ref_masks
-    support = paste_masks(fx["mask_probs"], ref["boxes"], h, w, threshold=0.0)
-    assert differ.sum() <= 30 and bool(support[differ].all())  # §6: about 30 pixels sit within 1e-5 of 0.5
+    assert_official_detections(det, fx, 98, max_pixels=30)  # §6: about 30 pixels sit within 1e-5 of 0.5
 
 
 def test_stage_training_losses_with_the_stored_draws(fx, model):

@@ -119,43 +119,47 @@ def test_convert_official_upernet_checkpoint_reproduces_mmseg_heads(tmp_path):
         torch.testing.assert_close(model.backbone.state_dict()[k], v)
 
 
-def test_convert_official_maskrcnn_checkpoint(tmp_path):
-    """A full mmdet checkpoint: a 16-d backbone in the official layout + the Mask R-CNN fixture heads."""
-    from collections import OrderedDict
+_TINY_DET = dict(
+    img_size=32, embed_dim=16, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2,
+    interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+)  # fmt: skip
 
+
+def _convert_official_detector(tmp_path, fixture: str, *extra: str):
+    """A full mmdet checkpoint: a 16-d ViT-Adapter in the official layout + a head fixture's tensors, converted
+    with ``--variant detection``. Returns (fixture, converted state, its config, the command's output)."""
     from omegaconf import OmegaConf
 
     from adapterctl.engine.checkpoint import load_checkpoint
-    from adapterctl.models.build import build_detector
     from adapterctl.models.official import to_official_backbone
     from adapterctl.models.zoo import build_vit_adapter
 
     from .conftest import FIXTURES
 
-    fx = torch.load(FIXTURES / "official_maskrcnn_a.pt", map_location="cpu", weights_only=True)
-    kwargs = dict(
-        img_size=32,
-        embed_dim=16,
-        depth=4,
-        num_heads=2,
-        conv_inplane=8,
-        deform_num_heads=2,
-        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-    )
-    backbone = build_vit_adapter(**kwargs, vit_feature_mode="final")
+    fx = torch.load(FIXTURES / fixture, map_location="cpu", weights_only=True)
+    backbone = build_vit_adapter(**_TINY_DET, vit_feature_mode="final")
     official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
     official.update(fx["state_dict"])
-    src = tmp_path / "mask_rcnn_official.pth"
+    src = tmp_path / "official.pth"
     torch.save({"meta": {"CLASSES": ["a", "b", "c"]}, "state_dict": official}, src)
-    dst = tmp_path / "maskrcnn.safetensors"
-    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
+    dst = tmp_path / "converted.safetensors"
+    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in _TINY_DET.items()]
     result = runner.invoke(
-        app, ["convert", str(src), str(dst), "--variant", "detection", "data=synthetic_det", *overrides]
+        app, ["convert", str(src), str(dst), "--variant", "detection", "data=synthetic_det", *extra, *overrides]
     )
     assert result.exit_code == 0, result.output
-    assert "detector" in result.output
     state = load_checkpoint(dst)
-    cfg = OmegaConf.create(state["config"])
+    return fx, state, OmegaConf.create(state["config"]), result.output
+
+
+def test_convert_official_maskrcnn_checkpoint(tmp_path):
+    """A full mmdet checkpoint: a 16-d backbone in the official layout + the Mask R-CNN fixture heads."""
+    from collections import OrderedDict
+
+    from adapterctl.models.build import build_detector
+
+    fx, state, cfg, output = _convert_official_detector(tmp_path, "official_maskrcnn_a.pt")
+    assert "detector" in output
     assert cfg.task == "detection" and cfg.head.num_classes == 3 and cfg.head.fpn_channels == 32
     model = build_detector(cfg).eval()
     model.load_state_dict(state["model"])  # strict: every tensor converted
@@ -174,34 +178,10 @@ def test_convert_official_cascade_checkpoint(tmp_path):
     recognises the family from its keys, reads the widths, and the converted heads give the official stages."""
     from collections import OrderedDict
 
-    from omegaconf import OmegaConf
-
-    from adapterctl.engine.checkpoint import load_checkpoint
     from adapterctl.models.build import build_model
-    from adapterctl.models.official import to_official_backbone
-    from adapterctl.models.zoo import build_vit_adapter
 
-    from .conftest import FIXTURES
-
-    fx = torch.load(FIXTURES / "official_cascade_a.pt", map_location="cpu", weights_only=True)
-    kwargs = dict(
-        img_size=32, embed_dim=16, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2,
-        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-    )  # fmt: skip
-    backbone = build_vit_adapter(**kwargs, vit_feature_mode="final")
-    official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
-    official.update(fx["state_dict"])
-    src = tmp_path / "cascade_official.pth"
-    torch.save({"meta": {"CLASSES": ["a", "b", "c"]}, "state_dict": official}, src)
-    dst = tmp_path / "cascade.safetensors"
-    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
-    result = runner.invoke(
-        app, ["convert", str(src), str(dst), "--variant", "detection", "data=synthetic_det", *overrides]
-    )
-    assert result.exit_code == 0, result.output
-    assert "Cascade Mask R-CNN" in result.output and "not converted" not in result.output
-    state = load_checkpoint(dst)
-    cfg = OmegaConf.create(state["config"])
+    fx, state, cfg, output = _convert_official_detector(tmp_path, "official_cascade_a.pt")
+    assert "Cascade Mask R-CNN" in output and "not converted" not in output
     assert (cfg.head.name, cfg.head.num_classes, cfg.head.fpn_channels) == ("cascade_maskrcnn", 3, 32)
     assert (cfg.head.conv_channels, cfg.head.fc_channels, cfg.head.mask_channels) == (16, 64, 16)
     model = build_model(cfg).eval()
@@ -218,38 +198,13 @@ def test_convert_official_htc_checkpoint(tmp_path):
     """A full mmdet HTC++ checkpoint (16-d backbone + the HTC fixture's neck.0 / neck.1 / RPN / RoI heads):
     recognised as HTC++, ExtraAttention and semantic widths read off, the converted model gives the official
     ExtraAttention, FPN and semantic outputs."""
-    from omegaconf import OmegaConf
-
-    from adapterctl.engine.checkpoint import load_checkpoint
     from adapterctl.models.build import build_model
-    from adapterctl.models.official import to_official_backbone
-    from adapterctl.models.zoo import build_vit_adapter
 
-    from .conftest import FIXTURES
-
-    fx = torch.load(FIXTURES / "official_htc_a.pt", map_location="cpu", weights_only=True)
-    kwargs = dict(
-        img_size=32, embed_dim=16, depth=4, num_heads=2, conv_inplane=8, deform_num_heads=2,
-        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-    )  # fmt: skip
-    backbone = build_vit_adapter(**kwargs, vit_feature_mode="final")
-    official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
-    official.update(fx["state_dict"])
-    src = tmp_path / "htc_official.pth"
-    torch.save({"state_dict": official}, src)
-    dst = tmp_path / "htc.safetensors"
-    overrides = [f"model.{k}={json.dumps(v)}".replace(" ", "") for k, v in kwargs.items()]
-    result = runner.invoke(
-        app,
-        ["convert", str(src), str(dst), "--variant", "detection", "data=synthetic_det", "head.extra_attention_heads=4",
-         *overrides],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "HTC++" in result.output and "not converted" not in result.output
-    cfg = OmegaConf.create(load_checkpoint(dst)["config"])
+    fx, state, cfg, output = _convert_official_detector(tmp_path, "official_htc_a.pt", "head.extra_attention_heads=4")
+    assert "HTC++" in output and "not converted" not in output
     assert (cfg.head.name, cfg.head.num_classes, cfg.head.semantic_classes, cfg.head.fpn_channels) == ("htc", 3, 9, 32)
     model = build_model(cfg).eval()
-    model.load_state_dict(load_checkpoint(dst)["model"])  # strict
+    model.load_state_dict(state["model"])  # strict
     with torch.no_grad():
         maps = model.backbone.extra_attention(list(fx["inputs"]))
         torch.testing.assert_close(maps[-1], fx["extra_attention_out"], atol=1e-5, rtol=0)

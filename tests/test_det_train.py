@@ -118,11 +118,10 @@ def test_detection_export_matches_eager_on_a_sample_image(synth_det, tmp_path, h
     out = tmp_path / "run"
     if head == "htc":
         overrides = _htc_overrides(synth_det, out, max_iters=1) + ["head.max_per_img=20"]
+    elif head == "cascade_maskrcnn":
+        overrides = _cascade_overrides(synth_det, out, max_iters=1)
     else:
         overrides = tiny_det_overrides(synth_det, out, max_iters=1)
-        if head != "maskrcnn":
-            overrides = [o for o in overrides if not o.startswith(("head=", "head.representation"))]
-            overrides += [f"head={head}", "head.conv_channels=16", "head.fc_channels=64"]
     run_train(compose("train", overrides))
     image = sorted((synth_det / "val").glob("*.jpg"))[0]
     result = runner.invoke(
@@ -136,33 +135,11 @@ def test_detection_export_matches_eager_on_a_sample_image(synth_det, tmp_path, h
     assert n > 0  # the check compared real detections
 
 
-def test_cascade_trains_evaluates_and_predicts_from_its_checkpoint(synth_det, tmp_path):
-    """head=cascade_maskrcnn through the shared loop: stage losses logged, COCO metrics, and the checkpoint alone
-    reproduces them in ``eval`` and serves ``predict``."""
-    out = tmp_path / "run"
-    overrides = [o for o in tiny_det_overrides(synth_det, out) if not o.startswith(("head=", "head.representation"))]
-    overrides += [
-        "head=cascade_maskrcnn",
-        "head.conv_channels=16",
-        "head.fc_channels=64",
-        "head.box_batch_size_per_image=64",
-    ]
-    metrics = run_train(compose("train", overrides))
-    assert set(KEYS) <= set(metrics)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r for r in rows if "train/loss_mask.s2" in r]
-    assert len(losses) == 3 and all(r["train/loss_bbox.s0"] > 0 and 0 <= r["train/acc.s1"] <= 100 for r in losses)
-    ckpt_path = out / "checkpoints" / "final.pt"
-    evaluated = tmp_path / "eval"
-    result = runner.invoke(app, ["eval", f"ckpt={ckpt_path}", f"paths.output_dir={evaluated}", "trainer.device=cpu"])
-    assert result.exit_code == 0, result.output
-    again = json.loads((evaluated / "metrics.json").read_text())
-    assert all(again[k] == metrics[k] for k in KEYS)
-    pred = tmp_path / "pred"
-    image = sorted((synth_det / "val").glob("*"))[0]
-    result = runner.invoke(app, ["predict", str(ckpt_path), str(image), "--out", str(pred)])
-    assert result.exit_code == 0, result.output
-    assert any(pred.iterdir())
+def _cascade_overrides(data_root, out, **trainer):
+    drop = ("head=", "head.representation")
+    overrides = [o for o in tiny_det_overrides(data_root, out, **trainer) if not o.startswith(drop)]
+    return overrides + ["head=cascade_maskrcnn", "head.conv_channels=16", "head.fc_channels=64",
+                        "head.box_batch_size_per_image=64"]  # fmt: skip
 
 
 def _htc_overrides(data_root, out, **trainer):
@@ -175,15 +152,12 @@ def _htc_overrides(data_root, out, **trainer):
     ]  # fmt: skip
 
 
-def test_htc_trains_on_stuff_maps_evaluates_and_predicts(synth_det, tmp_path):
-    """head=htc through the shared loop: the semantic branch learns from the synthetic stuff maps (resized and
-    flipped with the image), stage losses logged, and the checkpoint alone reproduces the metrics and predicts."""
+def _train_eval_predict(overrides, synth_det, tmp_path) -> list[dict]:
+    """Train (3 iterations), then ``eval`` the final checkpoint alone (same metrics) and ``predict`` with it;
+    returns the logged training rows."""
     out = tmp_path / "run"
-    metrics = run_train(compose("train", _htc_overrides(synth_det, out)))
+    metrics = run_train(compose("train", overrides))
     assert set(KEYS) <= set(metrics)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r for r in rows if "train/loss_semantic_seg" in r]
-    assert len(losses) == 3 and all(r["train/loss_semantic_seg"] > 0 and r["train/loss_mask.s2"] > 0 for r in losses)
     ckpt_path = out / "checkpoints" / "final.pt"
     evaluated = tmp_path / "eval"
     result = runner.invoke(app, ["eval", f"ckpt={ckpt_path}", f"paths.output_dir={evaluated}", "trainer.device=cpu"])
@@ -194,6 +168,24 @@ def test_htc_trains_on_stuff_maps_evaluates_and_predicts(synth_det, tmp_path):
     image = sorted((synth_det / "val").glob("*"))[0]
     result = runner.invoke(app, ["predict", str(ckpt_path), str(image), "--out", str(pred)])
     assert result.exit_code == 0, result.output
+    assert any(pred.iterdir())
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cascade_trains_evaluates_and_predicts_from_its_checkpoint(synth_det, tmp_path):
+    """head=cascade_maskrcnn through the shared loop: stage losses logged, COCO metrics, and the checkpoint alone
+    reproduces them in ``eval`` and serves ``predict``."""
+    rows = _train_eval_predict(_cascade_overrides(synth_det, tmp_path / "run"), synth_det, tmp_path)
+    losses = [r for r in rows if "train/loss_mask.s2" in r]
+    assert len(losses) == 3 and all(r["train/loss_bbox.s0"] > 0 and 0 <= r["train/acc.s1"] <= 100 for r in losses)
+
+
+def test_htc_trains_on_stuff_maps_evaluates_and_predicts(synth_det, tmp_path):
+    """head=htc through the shared loop: the semantic branch learns from the synthetic stuff maps (resized and
+    flipped with the image), stage losses logged, and the checkpoint alone reproduces the metrics and predicts."""
+    rows = _train_eval_predict(_htc_overrides(synth_det, tmp_path / "run"), synth_det, tmp_path)
+    losses = [r for r in rows if "train/loss_semantic_seg" in r]
+    assert len(losses) == 3 and all(r["train/loss_semantic_seg"] > 0 and r["train/loss_mask.s2"] > 0 for r in losses)
 
 
 def test_htc_without_stuff_maps_stops_at_start_naming_the_key(synth_det, tmp_path):

@@ -95,26 +95,32 @@ def build_segmentor(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Mo
     )
 
 
+def _detector_kwargs(cfg: DictConfig, *widths: str) -> dict[str, Any]:
+    """What every detector family reads from the config: normalisation, RPN and RoI sampling, the test-time
+    thresholds, and the family's own ``widths`` (``head.<name>`` integers)."""
+    head = cfg.head
+    return {
+        "image_mean": list(cfg.data.mean),
+        "image_std": list(cfg.data.std),
+        "rpn_post_nms_top_n_train": int(head.rpn_post_nms_top_n_train),
+        "box_batch_size_per_image": int(head.get("box_batch_size_per_image", 512)),
+        "box_score_thresh": float(head.score_thresh),
+        "box_nms_thresh": float(head.nms_thresh),
+        "box_detections_per_img": int(head.max_per_img),
+        "mask_threshold": float(head.mask_threshold),
+        **{name: int(head[name]) for name in widths},
+    }
+
+
 def build_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
     """ViT-Adapter (detection form) + FPN + Mask R-CNN heads as the official COCO configs (mmdet 2.22)."""
     from adapterctl.models.detector import AdapterMaskRCNN, DetBackbone
 
     body = backbone if backbone is not None else build_backbone(cfg.model)
-    head = cfg.head
     return AdapterMaskRCNN(
-        DetBackbone(body, int(head.fpn_channels)),
-        int(head.num_classes),
-        image_mean=list(cfg.data.mean),
-        image_std=list(cfg.data.std),
-        representation_size=int(head.representation_size),
-        mask_channels=int(head.mask_channels),
-        rpn_post_nms_top_n_train=int(head.rpn_post_nms_top_n_train),
-        box_batch_size_per_image=int(head.get("box_batch_size_per_image", 512)),
-        box_score_thresh=float(head.score_thresh),
-        box_nms_thresh=float(head.nms_thresh),
-        box_detections_per_img=int(head.max_per_img),
-        mask_threshold=float(head.mask_threshold),
-    )
+        DetBackbone(body, int(cfg.head.fpn_channels)), int(cfg.head.num_classes),
+        **_detector_kwargs(cfg, "representation_size", "mask_channels"),
+    )  # fmt: skip
 
 
 def build_cascade_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
@@ -122,22 +128,10 @@ def build_cascade_detector(cfg: DictConfig, backbone: nn.Module | None = None) -
     from adapterctl.models.detector import AdapterCascadeMaskRCNN, DetBackbone
 
     body = backbone if backbone is not None else build_backbone(cfg.model)
-    head = cfg.head
     return AdapterCascadeMaskRCNN(
-        DetBackbone(body, int(head.fpn_channels)),
-        int(head.num_classes),
-        image_mean=list(cfg.data.mean),
-        image_std=list(cfg.data.std),
-        conv_channels=int(head.conv_channels),
-        fc_channels=int(head.fc_channels),
-        mask_channels=int(head.mask_channels),
-        rpn_post_nms_top_n_train=int(head.rpn_post_nms_top_n_train),
-        box_batch_size_per_image=int(head.box_batch_size_per_image),
-        box_score_thresh=float(head.score_thresh),
-        box_nms_thresh=float(head.nms_thresh),
-        box_detections_per_img=int(head.max_per_img),
-        mask_threshold=float(head.mask_threshold),
-    )
+        DetBackbone(body, int(cfg.head.fpn_channels)), int(cfg.head.num_classes),
+        **_detector_kwargs(cfg, "conv_channels", "fc_channels", "mask_channels"),
+    )  # fmt: skip
 
 
 def build_htc_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn.Module:
@@ -151,21 +145,9 @@ def build_htc_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn
         drop_path=float(head.extra_attention_drop_path),
     )  # fmt: skip
     return AdapterHTC(
-        neck,
-        int(head.num_classes),
-        image_mean=list(cfg.data.mean),
-        image_std=list(cfg.data.std),
-        conv_channels=int(head.conv_channels),
-        fc_channels=int(head.fc_channels),
-        semantic_classes=int(head.semantic_classes),
-        semantic_loss_weight=float(head.semantic_loss_weight),
-        rpn_post_nms_top_n_train=int(head.rpn_post_nms_top_n_train),
-        box_batch_size_per_image=int(head.box_batch_size_per_image),
-        box_score_thresh=float(head.score_thresh),
-        box_nms_thresh=float(head.nms_thresh),
-        box_detections_per_img=int(head.max_per_img),
-        mask_threshold=float(head.mask_threshold),
-    )
+        neck, int(head.num_classes), semantic_loss_weight=float(head.semantic_loss_weight),
+        **_detector_kwargs(cfg, "conv_channels", "fc_channels", "semantic_classes"),
+    )  # fmt: skip
 
 
 def _official(label: str, marks: tuple[str, ...], overrides: str, convert: str) -> OfficialHeads:

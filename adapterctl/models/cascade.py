@@ -71,19 +71,29 @@ def multiclass_nms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """mmdet ``multiclass_nms`` with hard NMS: ``boxes`` (N, 4K) or (N, 4), ``scores`` (N, K+1) background last.
     Returns (boxes, scores, labels 0..K-1) in NMS order."""
+    b, s, labels = candidates(boxes, scores, score_thr)
+    if not exporting() and b.numel() == 0:
+        return b, s, labels
+    kept = nms(class_offset(b, labels), s, iou_thr)[:max_num]
+    return b[kept], s[kept], labels[kept]
+
+
+def candidates(boxes: Tensor, scores: Tensor, score_thr: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The (RoI, class) pairs of ``boxes`` (N, 4K) or (N, 4) and ``scores`` (N, K+1, background last) scoring
+    above ``score_thr`` (strict), in row-major order (RoI-major, class-minor): (boxes, scores, labels 0..K-1)."""
     n, k = scores.shape[0], scores.shape[1] - 1
     b = boxes.reshape(n, -1, 4)
     b = b.expand(n, k, 4) if b.shape[1] == 1 else b
     s = scores[:, :k]
     labels = torch.arange(k, device=scores.device).view(1, -1).expand_as(s)
     b, s, labels = b.reshape(-1, 4), s.reshape(-1), labels.reshape(-1)
-    keep = torch.where(s > score_thr)[0]  # row-major: RoI-major, class-minor
-    b, s, labels = b[keep], s[keep], labels[keep]
-    if not exporting() and b.numel() == 0:
-        return b, s, labels
-    offsets = labels.to(b) * (_max_coordinate(b) + torch.tensor(1).to(b))
-    kept = nms(b + offsets[:, None], s, iou_thr)[:max_num]
-    return b[kept], s[kept], labels[kept]
+    keep = torch.where(s > score_thr)[0]
+    return b[keep], s[keep], labels[keep]
+
+
+def class_offset(boxes: Tensor, labels: Tensor) -> Tensor:
+    """mmcv ``batched_nms``'s boxes: each class shifted by ``label * (max coordinate + 1)``."""
+    return boxes + (labels.to(boxes) * (_max_coordinate(boxes) + torch.tensor(1).to(boxes)))[:, None]
 
 
 class _ConvBN(nn.Module):

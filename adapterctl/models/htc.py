@@ -31,9 +31,10 @@ from adapterctl.models.cascade import (
     FCNMaskHead,
     _box_losses,
     _mask_loss,
-    _max_coordinate,
     _refine,
     _sample,
+    candidates,
+    class_offset,
 )
 from adapterctl.models.detector import exporting
 
@@ -252,18 +253,10 @@ def multiclass_soft_nms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """mmdet ``multiclass_nms`` with ``soft_nms``: row-major (RoI, class) candidates above ``score_thr``, one
     soft-NMS over class-offset boxes, the re-weighted scores; returns (boxes, scores, labels 0..K-1)."""
-    n, k = scores.shape[0], scores.shape[1] - 1
-    b = boxes.reshape(n, -1, 4)
-    b = b.expand(n, k, 4) if b.shape[1] == 1 else b
-    s = scores[:, :k]
-    labels = torch.arange(k, device=scores.device).view(1, -1).expand_as(s)
-    b, s, labels = b.reshape(-1, 4), s.reshape(-1), labels.reshape(-1)
-    keep = torch.where(s > score_thr)[0]
-    b, s, labels = b[keep], s[keep], labels[keep]
+    b, s, labels = candidates(boxes, scores, score_thr)
     if not exporting() and b.numel() == 0:
         return b, s, labels
-    offsets = labels.to(b) * (_max_coordinate(b) + torch.tensor(1).to(b))
-    new_scores, kept = soft_nms(b + offsets[:, None], s, iou_thr, min_score, max_num)
+    new_scores, kept = soft_nms(class_offset(b, labels), s, iou_thr, min_score, max_num)
     return b[kept], new_scores, labels[kept]
 
 
