@@ -27,7 +27,7 @@ RECIPES := ade20k_upernet_dinov2_adapter_l_512 ade20k_mask2former_dinov2_adapter
 	ade20k_mask2former_dinov3_adapter_l_896_frozen
 COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s)_$(k))) \
 	coco_cascade_maskrcnn_vit_adapter_s_3x coco_cascade_maskrcnn_vit_adapter_b_3x coco_htc_vit_adapter_l_augreg_3x \
-	coco_htc_beit_adapter_l_3x coco_htc_beitv2_adapter_l_3x
+	coco_htc_beit_adapter_l_3x coco_htc_beitv2_adapter_l_3x coco_htc_beitv2_adapter_l_o365
 PAPER_ROWS := $(ADE20K_ROWS) $(M2F_ROWS) $(COCO_ROWS)
 ALL_ROWS := $(PAPER_ROWS) $(RECIPES)
 

@@ -338,3 +338,27 @@ def test_recipes_beyond_the_paper_name_their_source_and_claim_no_number():
         assert any(n.startswith("backbone.vit.") for n in trainable) != frozen, name
     dinov3 = compose("train", ["experiment=ade20k_mask2former_dinov3_adapter_l_896_frozen"])
     assert list(dinov3.data.test.stride) == [596, 596] and list(dinov3.data.test.aug_ratios)[0] == 0.9
+
+
+def test_htc_o365_row_carries_its_fine_tuning_config():
+    import torch
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import build_model
+
+    name = "coco_htc_beitv2_adapter_l_o365"
+    cfg = compose("train", [f"experiment={name}"])
+    assert (cfg.paper.box_ap, cfg.paper.mask_ap, cfg.paper.gpus, cfg.trainer.batch_size) == (61.8, 53.0, 32, 2)
+    assert cfg.load_from.endswith("htc++_beitv2_adapter_large_fpn_o365.safetensors")
+    assert (cfg.head.fpn_norm_groups, cfg.head.box_norm, cfg.head.box_loss) == (32, True, "giou")
+    assert (cfg.optim.layer_decay_rate, cfg.optim.grad_clip, cfg.trainer.max_iters) == (0.8, 0.1, 20000)
+    assert list(cfg.schedule.milestones) == [] and cfg.schedule.warmup_iters == 500
+    assert cfg.model.drop_path_rate == 0.3 and cfg.head.extra_attention_drop_path == 0.3 and cfg.model.with_cp
+    assert [list(s) for s in cfg.data.train.scales] == [[2000, 600], [2000, 1600]]
+    assert [list(s) for s in cfg.data.test.scales] == [[2000, 1000]]
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 401) < 1.0
+    assert isinstance(model.roi_heads.bbox_head[0].shared_convs[0].bn, torch.nn.BatchNorm2d)
+    dry = subprocess.run(["make", "-n", name], cwd=REPO, capture_output=True, text=True)
+    assert f"experiment={name}" in dry.stdout, dry.stderr

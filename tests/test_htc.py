@@ -207,3 +207,49 @@ def test_soft_nms_equals_the_literal_kernel(seed):
     assert got_s.tolist() == [s for s, _ in want]  # bit for bit, float32
     s10, i10 = soft_nms(boxes, scores, 0.5, 1e-3, max_num=10)
     assert i10.tolist() == got_i[:10].tolist() and torch.equal(s10, got_s[:10])
+
+
+def test_o365_variant_gn_fpn_bn_heads_and_giou(fx):
+    """The O365 fine-tuning config's HTC++: GroupNorm FPN (bias-free convs; mmdet's ``gn`` keys convert), BatchNorm
+    box heads (bias-free convs) and GIoU x10 on the decoded class-agnostic boxes over all sampled RoIs."""
+    from adapterctl.models.cascade import delta2bbox, giou_loss
+    from adapterctl.models.detector import convert_mmdet_heads
+
+    torch.manual_seed(0)
+    backbone = HTCBackbone(_Maps(fx["inputs"]), 32, num_heads=4, norm_groups=4)
+    net = AdapterHTC(backbone, 3, conv_channels=16, fc_channels=64, semantic_classes=9, box_norm=True, box_loss="giou")
+    inner = net.backbone.fpn.inner_blocks[0]
+    assert inner[0].bias is None and isinstance(inner[1], torch.nn.GroupNorm) and inner[1].num_groups == 4
+    conv = net.roi_heads.bbox_head[0].shared_convs[0]
+    assert conv.conv.bias is None and isinstance(conv.bn, torch.nn.BatchNorm2d)
+    official = {f"neck.lateral_convs.{i}.gn.weight": torch.rand(32) for i in range(4)}
+    official.update({f"neck.fpn_convs.{i}.gn.bias": torch.rand(32) for i in range(4)})
+    mapped, left = convert_mmdet_heads(official)
+    assert left == [] and set(mapped) <= set(net.state_dict())
+    net.train()
+    record: dict = {}
+    with torch.no_grad():
+        feats = net.backbone(torch.zeros(1))
+        losses = net.roi_heads.losses(
+            feats, [fx["train"]["rpn"]["proposals"][:, :4]], [_hw(fx)], _targets(fx), record=record
+        )
+    st = record["stages"][0]
+    pos = st["labels"] < 3
+    decoded = delta2bbox(st["rois"][pos], st["bbox_pred"][pos], (0.1, 0.1, 0.2, 0.2))  # unclipped, class-agnostic
+    want = 10.0 * giou_loss(decoded, st["gt_boxes"]).sum() / st["rois"].shape[0]
+    assert int(pos.sum()) > 0
+    torch.testing.assert_close(losses["loss_bbox.s0"], want, rtol=1e-6, atol=0)
+
+
+def test_convert_reads_the_o365_layout_off_the_tensors(fx):
+    from adapterctl.models.detector import mmdet_htc_overrides
+
+    plain = mmdet_htc_overrides(fx["state_dict"])
+    assert (
+        "head.box_norm=false" in plain and "head.fpn_norm_groups=null" in plain and "head.semantic_classes=9" in plain
+    )
+    o365 = dict(fx["state_dict"])
+    o365["roi_head.bbox_head.0.shared_convs.0.bn.weight"] = torch.ones(16)
+    o365["neck.1.lateral_convs.0.gn.weight"] = torch.ones(32)
+    got = mmdet_htc_overrides(o365)
+    assert "head.box_norm=true" in got and "head.fpn_norm_groups=32" in got

@@ -140,12 +140,14 @@ def build_htc_detector(cfg: DictConfig, backbone: nn.Module | None = None) -> nn
 
     body = backbone if backbone is not None else build_backbone(cfg.model)
     head = cfg.head
+    groups = head.get("fpn_norm_groups")
     neck = HTCBackbone(
         body, int(head.fpn_channels), num_heads=int(head.extra_attention_heads),
-        drop_path=float(head.extra_attention_drop_path),
+        drop_path=float(head.extra_attention_drop_path), norm_groups=int(groups) if groups else None,
     )  # fmt: skip
     return AdapterHTC(
         neck, int(head.num_classes), semantic_loss_weight=float(head.semantic_loss_weight),
+        box_norm=bool(head.get("box_norm", False)), box_loss=str(head.get("box_loss", "smooth_l1")),
         **_detector_kwargs(cfg, "conv_channels", "fc_channels", "semantic_classes"),
     )  # fmt: skip
 

@@ -194,6 +194,8 @@ class CascadeRoIHeads(nn.Module):
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.low_quality = low_quality  # mmdet match_low_quality of the stage assigners (Cascade: off, HTC++: on)
+        if box_loss not in ("giou", "smooth_l1"):
+            raise ValueError(f"box_loss must be giou or smooth_l1, got {box_loss!r}")
         self.box_loss = box_loss  # "giou" (Cascade: decoded boxes) or "smooth_l1" (HTC++: encoded deltas)
         self.sampler = sampler
 

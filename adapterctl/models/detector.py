@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -305,12 +306,15 @@ class DetBackbone(nn.Module):
     """A backbone with ``feature_info`` (channels and strides of its maps), plus torchvision's FPN with the extra
     max-pooled P6. Declares ``out_channels`` and ``strides`` (the backbone's, then twice the last) for the heads."""
 
-    def __init__(self, body: nn.Module, out_channels: int = 256) -> None:
+    def __init__(self, body: nn.Module, out_channels: int = 256, norm_groups: int | None = None) -> None:
+        """``norm_groups``: mmdet's FPN ``norm_cfg=GN`` (each lateral and output conv without bias, then a
+        GroupNorm of that many groups, no activation); None: plain convs with bias."""
         super().__init__()
         self.body = body
         info = body.feature_info
+        norm = partial(nn.GroupNorm, int(norm_groups)) if norm_groups else None
         self.fpn = FeaturePyramidNetwork(
-            [int(f["num_chs"]) for f in info], out_channels, extra_blocks=LastLevelMaxPool()
+            [int(f["num_chs"]) for f in info], out_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm
         )
         self.out_channels = out_channels
         reductions = [int(f["reduction"]) for f in info]
@@ -318,7 +322,8 @@ class DetBackbone(nn.Module):
         for m in self.fpn.modules():  # mmdet's FPN init: xavier-uniform convs, zero bias
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
@@ -444,6 +449,8 @@ def _pad_rows(n: int) -> Callable[[Tensor], Tensor]:  # a (never read) backgroun
 MMDET_KEYS: tuple[tuple[str, str, Callable[[Tensor], Tensor] | None], ...] = (
     (r"neck\.lateral_convs\.(\d+)\.conv\.(\w+)", "backbone.fpn.inner_blocks.{0}.0.{1}", None),
     (r"neck\.fpn_convs\.(\d+)\.conv\.(\w+)", "backbone.fpn.layer_blocks.{0}.0.{1}", None),
+    (r"neck\.lateral_convs\.(\d+)\.gn\.(\w+)", "backbone.fpn.inner_blocks.{0}.1.{1}", None),  # norm_cfg=GN
+    (r"neck\.fpn_convs\.(\d+)\.gn\.(\w+)", "backbone.fpn.layer_blocks.{0}.1.{1}", None),
     (r"rpn_head\.rpn_conv\.(\w+)", "rpn.head.conv.0.0.{0}", None),
     (r"rpn_head\.rpn_cls\.(\w+)", "rpn.head.cls_logits.{0}", None),
     (r"rpn_head\.rpn_reg\.(\w+)", "rpn.head.bbox_pred.{0}", None),
@@ -560,10 +567,13 @@ def convert_mmdet_cascade(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tens
 class HTCBackbone(DetBackbone):
     """:class:`DetBackbone` with HTC++'s ``ExtraAttention`` on the backbone's last map before the FPN."""
 
-    def __init__(self, body: nn.Module, out_channels: int = 256, *, num_heads: int = 32, drop_path: float = 0.0):
+    def __init__(
+        self, body: nn.Module, out_channels: int = 256, *, num_heads: int = 32, drop_path: float = 0.0,
+        norm_groups: int | None = None,
+    ) -> None:  # fmt: skip
         from adapterctl.models.htc import ExtraAttention
 
-        super().__init__(body, out_channels)
+        super().__init__(body, out_channels, norm_groups)
         self.extra_attention = ExtraAttention(int(body.feature_info[-1]["num_chs"]), num_heads, drop_path=drop_path)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -584,7 +594,7 @@ class AdapterHTC(AdapterCascadeMaskRCNN):
         self, backbone: HTCBackbone, num_classes: int, *, conv_channels: int = 256, fc_channels: int = 1024,
         semantic_classes: int = 183, semantic_loss_weight: float = 0.2, box_score_thresh: float = 0.001,
         box_nms_thresh: float = 0.5, box_detections_per_img: int = 100, box_batch_size_per_image: int = 512,
-        **kwargs,
+        box_norm: bool = False, box_loss: str = "smooth_l1", **kwargs,
     ) -> None:  # fmt: skip
         from adapterctl.models.htc import build_htc_roi_heads
 
@@ -594,7 +604,7 @@ class AdapterHTC(AdapterCascadeMaskRCNN):
             backbone.out_channels, backbone.strides[:-1], num_classes, conv_channels=conv_channels,
             fc_channels=fc_channels, semantic_classes=semantic_classes, semantic_loss_weight=semantic_loss_weight,
             score_thresh=box_score_thresh, nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
-            batch_size_per_image=box_batch_size_per_image,
+            batch_size_per_image=box_batch_size_per_image, box_norm=box_norm, box_loss=box_loss,
         )  # fmt: skip
 
 
@@ -606,6 +616,10 @@ def mmdet_htc_overrides(full: dict[str, Tensor]) -> list[str]:
     return [
         f"head.num_classes={cls.shape[0] - 1}", f"data.num_classes={cls.shape[0] - 1}",
         f"head.semantic_classes={sem.shape[0]}",
+    ] + [
+        f"head.box_norm={str('roi_head.bbox_head.0.shared_convs.0.bn.weight' in full).lower()}",
+        # a GroupNorm FPN (the O365 config): the group count is not in the tensors; the config's is 32
+        f"head.fpn_norm_groups={32 if 'neck.1.lateral_convs.0.gn.weight' in full else 'null'}",
     ] + _shape_overrides(
         full,
         [("neck.1.fpn_convs.0.conv.weight", "fpn_channels"),

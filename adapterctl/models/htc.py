@@ -350,7 +350,8 @@ class HTCRoIHeads(CascadeRoIHeads):
             if record is not None:
                 record.setdefault("stages", []).append(
                     {"rois": torch.cat(sample.boxes), "labels": torch.cat(sample.labels), "cls_score": cls,
-                     "bbox_pred": reg, "mask_rois": torch.cat(mask_sample.positives()), "mask_targets": mask_t}
+                     "bbox_pred": reg, "gt_boxes": torch.cat(sample.gt_boxes),
+                     "mask_rois": torch.cat(mask_sample.positives()), "mask_targets": mask_t}
                 )  # fmt: skip
         if record is not None:
             record["semantic_targets"] = seg
@@ -359,18 +360,19 @@ class HTCRoIHeads(CascadeRoIHeads):
 
 def build_htc_roi_heads(
     channels: int, strides: Sequence[int], num_classes: int, *, conv_channels: int = 256, fc_channels: int = 1024,
-    semantic_classes: int = 183, semantic_loss_weight: float = 0.2, **kwargs,
+    semantic_classes: int = 183, semantic_loss_weight: float = 0.2, box_norm: bool = False, **kwargs,
 ) -> HTCRoIHeads:  # fmt: skip
     """The ViT-Adapter HTC++ RoI heads on FPN maps ``'0'..'3'`` at ``strides`` (4, 8, 16, 32), ``'pool'`` (P6)
     joining the semantic fusion. The mask heads and the semantic branch are as wide as the FPN (their outputs are
-    added to its RoI features)."""
+    added to its RoI features). ``box_norm``: BatchNorm in the box heads' convs (no conv bias; the O365 config's
+    SyncBN); ``box_loss`` (in kwargs): ``smooth_l1`` or ``giou`` (x10 on decoded boxes, that config's)."""
     from adapterctl.models.detector import MMRoIAlign
 
     names = [str(i) for i in range(len(strides))]
     return HTCRoIHeads(
         MMRoIAlign(names, 7, strides),
         MMRoIAlign(names, 14, strides),
-        [ConvFCBBoxHead(channels, conv_channels, fc_channels, num_classes, norm=False, class_agnostic=True)
+        [ConvFCBBoxHead(channels, conv_channels, fc_channels, num_classes, norm=box_norm, class_agnostic=True)
          for _ in range(3)],
         [HTCMaskHead(channels, channels, num_classes, with_conv_res=i > 0) for i in range(3)],
         num_classes,
