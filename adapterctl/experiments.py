@@ -15,6 +15,11 @@ def list_experiments() -> list[dict]:
         gpus = int(paper.get("gpus") or recipe.get("gpus") or 1)
         if "mIoU_ss" in paper:
             result = f"{paper['mIoU_ss']} / {paper['mIoU_ms'] or '-'} mIoU (SS/MS)"
+        elif "box_ap_ms" in paper:
+            result = (
+                f"{paper['box_ap']} / {paper['box_ap_ms']} box, {paper['mask_ap']} / {paper['mask_ap_ms']} mask AP "
+                "(SS/MS)"
+            )
         elif "box_ap" in paper:
             result = f"{paper['box_ap']} box / {paper['mask_ap']} mask AP"
         elif recipe:
@@ -43,6 +48,7 @@ def list_experiments() -> list[dict]:
                     f"{d.test.mode} {list(d.test.crop_size)}/{list(d.test.stride)}"
                     if cfg.task == "segmentation"
                     else f"resize {[list(x) for x in d.test.scales]}"
+                    + (f" (aug: {len(d.test.aug_scales)} scales)" if d.test.get("aug_scales") else "")
                 ),
                 "task": cfg.task,
                 "amp": t.amp,

@@ -125,9 +125,11 @@ def _categories(cfg) -> tuple[list[str], list[int]]:
 
 
 def predict_detection(
-    model, cfg, images: Sequence[Path], out_dir: Path, dev, score_thr: float, alpha: float
-) -> list[Path]:
-    """Per image: the detections in the COCO results format (JSON) and an overlay."""
+    model, cfg, images: Sequence[Path], out_dir: Path, dev, score_thr: float, alpha: float, *, task=None,
+    mode: str = "whole",
+) -> list[Path]:  # fmt: skip
+    """Per image: the detections in the COCO results format (JSON) and an overlay. ``mode`` ``aug``: the
+    multi-scale + flip test through ``task.detect``."""
     import json
 
     from PIL import Image, ImageDraw
@@ -143,8 +145,11 @@ def predict_detection(
     for path in images:
         img = load_image(path)
         h, w = img.shape[-2:]
-        resized, _ = transform(img, {"boxes": torch.zeros(0, 4)}, np.random.default_rng(0))
-        det = model([resized.to(dev)], original_sizes=[(h, w)])[0]
+        if mode == "aug":
+            det = task.detect(model, img.to(dev), (h, w), mode)
+        else:
+            resized, _ = transform(img, {"boxes": torch.zeros(0, 4)}, np.random.default_rng(0))
+            det = model([resized.to(dev)], original_sizes=[(h, w)])[0]
         keep = det["scores"] >= score_thr
         boxes, scores, labels = det["boxes"][keep].cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()
         masks = det["masks"][keep][:, 0].cpu().numpy() if "masks" in det else np.zeros((0, h, w), bool)

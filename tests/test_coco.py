@@ -371,3 +371,27 @@ def test_num_classes_must_match_the_categories(tmp_path):
         build_det_dataset(data, train=False)
     data.num_classes = 2
     assert len(build_det_dataset(data, train=False)) == 3
+
+
+def test_max_dets_are_mmdets_ap_at_100_the_rest_at_1000(synth_det):
+    """With more than 100 detections per image, AP counts the best 100 and AP50 / APs.. up to 1000, as mmdet's
+    maxDets (100, 300, 1000) make pycocotools do; pycocotools' own (1, 10, 100) would cut AP50 at 100 too."""
+    ds = CocoDetection(synth_det / "val", synth_det / "annotations" / "instances_val.json")
+    runs = {}
+    for max_dets in ((100, 300, 1000), (1, 10, 100)):
+        ev = CocoEvaluator(ds.coco, ds.labels, iou_types=("bbox",), max_dets=max_dets)
+        for i in range(len(ds)):
+            t = ds[i]["target"]
+            keep = t["iscrowd"] == 0
+            gt_boxes, gt_labels = t["boxes"][keep], t["labels"][keep]
+            classes = gt_labels.unique()  # 150 better-scored misses of each class, then the true boxes
+            junk = torch.tensor([[0.0, 0.0, 4.0, 4.0]]).repeat(150 * len(classes), 1)
+            ev.update(
+                t["image_id"], torch.cat([junk, gt_boxes]),
+                torch.cat([torch.full((len(junk),), 0.9), torch.full((len(gt_boxes),), 0.5)]),
+                torch.cat([classes.repeat_interleave(150), gt_labels]),
+            )  # fmt: skip
+        runs[max_dets] = ev.compute()
+    mm, plain = runs[(100, 300, 1000)], runs[(1, 10, 100)]
+    assert mm["bbox_AP"] == plain["bbox_AP"] == 0.0  # the true boxes rank beyond 100
+    assert mm["bbox_AP50"] > 0.5 and plain["bbox_AP50"] == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -178,6 +179,10 @@ def test_cascade_trains_evaluates_and_predicts_from_its_checkpoint(synth_det, tm
     rows = _train_eval_predict(_cascade_overrides(synth_det, tmp_path / "run"), synth_det, tmp_path)
     losses = [r for r in rows if "train/loss_mask.s2" in r]
     assert len(losses) == 3 and all(r["train/loss_bbox.s0"] > 0 and 0 <= r["train/acc.s1"] <= 100 for r in losses)
+    ckpt_path = tmp_path / "run" / "checkpoints" / "final.pt"
+    result = runner.invoke(app, ["eval", f"ckpt={ckpt_path}", "trainer.device=cpu", "mode=aug"])
+    assert result.exit_code == 2 and "HTC++" in result.output and "head=cascade_maskrcnn" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_htc_trains_on_stuff_maps_evaluates_and_predicts(synth_det, tmp_path):
@@ -186,6 +191,28 @@ def test_htc_trains_on_stuff_maps_evaluates_and_predicts(synth_det, tmp_path):
     rows = _train_eval_predict(_htc_overrides(synth_det, tmp_path / "run"), synth_det, tmp_path)
     losses = [r for r in rows if "train/loss_semantic_seg" in r]
     assert len(losses) == 3 and all(r["train/loss_semantic_seg"] > 0 and r["train/loss_mask.s2"] > 0 for r in losses)
+    # the _ms protocol (mode=aug) from the checkpoint: two scales + flips with size ranges, eval and predict
+    ckpt_path = tmp_path / "run" / "checkpoints" / "final.pt"
+    aug = ["data.test.aug_scales=[[256,96],[512,256]]", "data.test.aug_scale_ranges=[[l],[s,m]]"]
+    evaluated = tmp_path / "eval_aug"
+    args = ["eval", f"ckpt={ckpt_path}", f"paths.output_dir={evaluated}", "trainer.device=cpu", "mode=aug", *aug]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert set(KEYS) <= set(metrics) and metrics["bbox_AP"] is not None and metrics["segm_AP"] is not None
+    results = json.loads((evaluated / "results.json").read_text())
+    per_image = Counter(r["image_id"] for r in results)
+    assert results and max(per_image.values()) <= 1000
+    pred = tmp_path / "pred_aug"
+    image = sorted((synth_det / "val").glob("*"))[0]
+    result = runner.invoke(app, ["predict", str(ckpt_path), str(image), "--out", str(pred), "--mode", "aug", *aug])
+    assert result.exit_code == 0, result.output
+    assert (pred / f"{image.stem}.json").is_file()
+    # a wrong size-range list is one line naming the key, before any image is read
+    bad = ["eval", f"ckpt={ckpt_path}", "trainer.device=cpu", "mode=aug", aug[0], "data.test.aug_scale_ranges=[[l]]"]
+    result = runner.invoke(app, bad)
+    assert result.exit_code == 2 and "data.test.aug_scale_ranges" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_htc_without_stuff_maps_stops_at_start_naming_the_key(synth_det, tmp_path):

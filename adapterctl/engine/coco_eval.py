@@ -20,11 +20,23 @@ from adapterctl.data.coco import LabelMap
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+MMDET_MAX_DETS = (100, 300, 1000)  # mmdet 2.x CocoDataset.evaluate's proposal_nums, set as COCOeval's maxDets
+
+
 class CocoEvaluator:
-    def __init__(self, coco_gt, labels: LabelMap, iou_types: tuple[str, ...] = ("bbox", "segm")) -> None:
+    """``max_dets``: COCOeval's ``params.maxDets``. mmdet (the official numbers) sets (100, 300, 1000), so AP
+    stays at 100 detections per image while AP50 / AP75 / APs / APm / APl count up to 1000 (pycocotools reads
+    ``maxDets[2]`` for them); with at most 100 detections per image it equals pycocotools' (1, 10, 100). It
+    matters for HTC++'s multi-scale test (1000 detections) and the 300 of the AugReg HTC++ row."""
+
+    def __init__(
+        self, coco_gt, labels: LabelMap, iou_types: tuple[str, ...] = ("bbox", "segm"),
+        max_dets: tuple[int, int, int] = MMDET_MAX_DETS,
+    ) -> None:  # fmt: skip
         self.coco_gt = coco_gt
         self.labels = labels
         self.iou_types = iou_types
+        self.max_dets = [int(m) for m in max_dets]
         self.results: list[dict] = []
 
     def reset(self) -> None:
@@ -89,6 +101,7 @@ class CocoEvaluator:
             with contextlib.redirect_stdout(io.StringIO()):
                 dt = self.coco_gt.loadRes(rows)
                 ev = COCOeval(self.coco_gt, dt, iou_type)
+                ev.params.maxDets = list(self.max_dets)
                 ev.evaluate()
                 ev.accumulate()
                 ev.summarize()

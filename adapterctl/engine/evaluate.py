@@ -32,7 +32,6 @@ def run_eval(overrides: Sequence[str]) -> dict:
 
     from rich.console import Console
 
-    from adapterctl.config import ConfigError
     from adapterctl.config_schema import check_config
     from adapterctl.engine.distributed import barrier, cleanup, init_distributed
     from adapterctl.engine.evaluators import write_metrics
@@ -41,8 +40,8 @@ def run_eval(overrides: Sequence[str]) -> dict:
 
     ecfg, model, mcfg, state = eval_config(overrides)
     check_config(mcfg, keys=("data.num_classes", "data.ignore_index", "data.on_bad_sample"))
-    if mcfg.task == "detection" and ecfg.mode is not None:
-        raise ConfigError(f"mode={ecfg.mode}: inference modes (whole, slide, aug) are for segmentation checkpoints")
+    if mcfg.task == "detection":  # whole or aug (HTC++), checked before any data is read
+        get_task(mcfg).test_mode(ecfg.mode, model)
     dist = init_distributed(str(ecfg.trainer.device))
     try:
         out_dir = Path(

@@ -6,6 +6,7 @@ terms, backward, step.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,6 +152,10 @@ class DetectionTask:
         from adapterctl.data.loader import eval_loader
         from adapterctl.engine.coco_eval import CocoEvaluator
 
+        mode = self.test_mode(mode, model)
+        if mode == "aug":  # the views are made from the unresized image
+            val_set = copy.copy(val_set)
+            val_set.transform = None
         loader = eval_loader(val_set, num_workers, rank, world, collate_fn=list)
         evaluator = CocoEvaluator(val_set.coco, val_set.labels)
         was_training = model.training
@@ -159,7 +164,7 @@ class DetectionTask:
             for batch in loader:
                 for s in batch:
                     with autocast_context(device, amp):
-                        det = model([s["image"].to(device)], original_sizes=[s["ori_size"]])[0]
+                        det = self.detect(model, s["image"].to(device), s["ori_size"], mode)
                     evaluator.update(
                         s["target"]["image_id"],
                         det["boxes"].float(),
@@ -171,13 +176,49 @@ class DetectionTask:
         results_file = out_dir / "results.json" if out_dir is not None else None
         return evaluator.compute(results_file)
 
+    def test_mode(self, mode: str | None, model: nn.Module | None = None) -> str:
+        """``mode`` (or ``data.test.mode``): ``whole`` (one view at ``data.test.scales``) or ``aug`` (HTC++'s
+        multi-scale + flip test over ``data.test.aug_scales``), checked against the config and the model."""
+        from adapterctl.models.htc_aug import check_scale_ranges
+
+        test = self.cfg.data.test
+        mode = str(mode or test.get("mode") or "whole")
+        if mode not in ("whole", "aug"):
+            raise ConfigError(f"mode={mode}: a detection checkpoint is tested whole (one scale) or aug (multi-scale)")
+        if mode == "whole":
+            return mode
+        head = str(self.cfg.head.get("name"))
+        if head != "htc" or (model is not None and not hasattr(model, "aug_test")):
+            raise ConfigError(
+                f"mode=aug is HTC++'s multi-scale + flip test (the official _ms configs); head={head} has none"
+            )
+        if not test.get("aug_scales"):
+            raise ConfigError("mode=aug needs data.test.aug_scales (e.g. [[3000,600],[3000,800],...,[3000,1600]])")
+        try:
+            check_scale_ranges(test.get("aug_scale_ranges"), len(test.aug_scales), "data.test.aug_scale_ranges")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return mode
+
+    def detect(self, model: nn.Module, image: torch.Tensor, ori_size, mode: str) -> dict:
+        """One image's detections in original pixels: ``image`` is resized by the test pipeline (whole) or the
+        original (aug)."""
+        if mode == "aug":
+            test = self.cfg.data.test
+            ranges = test.get("aug_scale_ranges")
+            return model.aug_test(
+                image, [list(s) for s in test.aug_scales], flip=bool(test.get("aug_flip", True)),
+                scale_ranges=[list(r) for r in ranges] if ranges is not None else None,
+                max_per_img=int(test.get("aug_max_per_img", 1000)),
+            )  # fmt: skip
+        return model([image], original_sizes=[ori_size])[0]
+
     def predict(self, model: nn.Module, images, out_dir: Path, device, *, mode=None, score_thr=0.5, alpha=0.5):
         """``adapterctl predict``: COCO-results JSON and overlays (``adapterctl.predict.predict_detection``)."""
         from adapterctl.predict import predict_detection
 
-        if mode is not None:
-            raise ConfigError(f"--mode {mode}: inference modes are for segmentation checkpoints")
-        return predict_detection(model, self.cfg, images, out_dir, device, score_thr, alpha)
+        mode = self.test_mode(mode, model)
+        return predict_detection(model, self.cfg, images, out_dir, device, score_thr, alpha, task=self, mode=mode)
 
     @staticmethod
     def table(metrics: dict, title: str):

@@ -607,6 +607,17 @@ class AdapterHTC(AdapterCascadeMaskRCNN):
             batch_size_per_image=box_batch_size_per_image, box_norm=box_norm, box_loss=box_loss,
         )  # fmt: skip
 
+    def aug_test(
+        self, image: Tensor, scales: Sequence[Sequence[int]], *, flip: bool = True,
+        scale_ranges: Sequence[Sequence[str]] | None = None, max_per_img: int = 1000,
+    ) -> dict:  # fmt: skip
+        """The official ``_ms`` test (:mod:`adapterctl.models.htc_aug`) of one unresized image (3, H, W), RGB
+        0-255: detections in its pixels, as ``forward`` returns them."""
+        from adapterctl.models.htc_aug import aug_views, htc_aug_test
+
+        views = aug_views(image, scales, flip, scale_ranges)
+        return htc_aug_test(self, views, (int(image.shape[-2]), int(image.shape[-1])), max_per_img)
+
 
 def mmdet_htc_overrides(full: dict[str, Tensor]) -> list[str]:
     """Class counts and head widths read off an official HTC++ state dict (the ExtraAttention's head count is not
