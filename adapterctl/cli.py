@@ -85,6 +85,9 @@ def convert(
         str, typer.Option(help="Model config (conf/model) the checkpoint was trained with.")
     ] = "vit_adapter_t",
     variant: Annotated[str, typer.Option(help="segmentation or detection (which official copy).")] = "segmentation",
+    ema: Annotated[
+        bool, typer.Option(help="Convert an mmdet EMAHook checkpoint's ema_* averages instead of its weights.")
+    ] = False,
     overrides: Overrides = None,
 ) -> None:
     """Convert an official ViT-Adapter checkpoint into an adapterctl safetensors file.
@@ -93,7 +96,9 @@ def convert(
     """
     from adapterctl.models.convert import run_convert
 
-    typer.echo(_run_guarded(lambda: run_convert(src, dst, model=model, variant=variant, overrides=overrides or [])))
+    typer.echo(
+        _run_guarded(lambda: run_convert(src, dst, model=model, variant=variant, overrides=overrides or [], ema=ema))
+    )
 
 
 @app.command()

@@ -125,9 +125,10 @@ _TINY_DET = dict(
 )  # fmt: skip
 
 
-def _convert_official_detector(tmp_path, fixture: str, *extra: str):
+def _convert_official_detector(tmp_path, fixture: str, *extra: str, ema_shift: float | None = None):
     """A full mmdet checkpoint: a 16-d ViT-Adapter in the official layout + a head fixture's tensors, converted
-    with ``--variant detection``. Returns (fixture, converted state, its config, the command's output)."""
+    with ``--variant detection``. Returns (fixture, converted state, its config, the command's output).
+    ``ema_shift``: the file also carries mmdet EMAHook buffers (``ema_<key>``: each float entry + the shift)."""
     from omegaconf import OmegaConf
 
     from adapterctl.engine.checkpoint import load_checkpoint
@@ -137,9 +138,16 @@ def _convert_official_detector(tmp_path, fixture: str, *extra: str):
     from .conftest import FIXTURES
 
     fx = torch.load(FIXTURES / fixture, map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
     backbone = build_vit_adapter(**_TINY_DET, vit_feature_mode="final")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     official = {f"backbone.{k}": v for k, v in to_official_backbone(backbone.state_dict()).items()}
     official.update(fx["state_dict"])
+    if ema_shift is not None:
+        official.update({
+            "ema_" + k.replace(".", "_"): (v + ema_shift if v.is_floating_point() else v.clone())
+            for k, v in official.items()
+        })  # fmt: skip
     src = tmp_path / "official.pth"
     torch.save({"meta": {"CLASSES": ["a", "b", "c"]}, "state_dict": official}, src)
     dst = tmp_path / "converted.safetensors"
@@ -254,3 +262,27 @@ def test_convert_official_htc_beit_checkpoint(tmp_path):
     model.load_state_dict(state["model"])  # strict
     for k, v in backbone.state_dict().items():
         torch.testing.assert_close(model.backbone.body.state_dict()[k], v)
+
+
+def test_convert_an_ema_checkpoint_takes_the_trained_weights_or_with_ema_the_averages(tmp_path):
+    """mmdet's EMAHook (the HTC++ O365 config) leaves ema_* copies of every entry in the checkpoint: skipped by
+    default with one line saying so (the official evaluation used the trained weights), converted with --ema."""
+    fx, plain, _, _ = _convert_official_detector(
+        tmp_path / "plain", "official_htc_a.pt", "head.extra_attention_heads=4"
+    )
+    _, state, _, output = _convert_official_detector(
+        tmp_path / "ema", "official_htc_a.pt", "head.extra_attention_heads=4", ema_shift=1.0
+    )
+    text = " ".join(output.split())
+    assert "skipped" in text and "ema_* buffers" in text and "not converted" not in text
+    assert state["model"].keys() == plain["model"].keys()
+    assert all(torch.equal(state["model"][k], v) for k, v in plain["model"].items())
+    _, averaged, _, output = _convert_official_detector(
+        tmp_path / "avg", "official_htc_a.pt", "head.extra_attention_heads=4", "--ema", ema_shift=1.0
+    )
+    assert "converted the EMA averages" in " ".join(output.split())
+    floats = [k for k, v in plain["model"].items() if v.is_floating_point()]
+    assert floats and all(torch.allclose(averaged["model"][k], plain["model"][k] + 1.0) for k in floats)
+    result = runner.invoke(app, ["convert", str(tmp_path / "plain" / "official.pth"), str(tmp_path / "x.safetensors"),
+                                 "--variant", "detection", "--ema"])  # fmt: skip
+    assert result.exit_code != 0 and "no ema_* buffers" in result.output and "Traceback" not in result.output

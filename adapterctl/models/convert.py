@@ -98,17 +98,44 @@ def _detector_family(full: dict[str, Tensor]) -> tuple[str, OfficialHeads]:
     return max(found, key=lambda item: len(item[1].marks))
 
 
+def take_ema(full: dict[str, Tensor], use_ema: bool, src: Path) -> tuple[dict[str, Tensor], str | None]:
+    """mmdet's ``EMAHook`` (the HTC++ Objects365 config's ``ExpMomentumEMAHook``) registers a copy of every
+    state-dict entry as a buffer ``ema_<name, dots as underscores>``, so its checkpoints carry both. Returns the
+    state dict to convert (the trained entries, or with ``use_ema`` the averaged ones in their place) and a
+    report line. Under mmcv's ``IterBasedRunner`` the hook never swaps the averages in (it swaps on train
+    epochs, which that runner does not call), so the official evaluation used the trained entries: the default.
+    """
+    ema = {k: v for k, v in full.items() if k.startswith("ema_")}
+    if not ema:
+        if use_ema:
+            raise ConversionError(f"--ema: {src} holds no ema_* buffers (an mmdet EMAHook's averages)")
+        return full, None
+    rest = {k: v for k, v in full.items() if not k.startswith("ema_")}
+    if not use_ema:
+        return rest, (
+            f"skipped {len(ema)} ema_* buffers (mmdet EMAHook averages; the official evaluation used the trained "
+            "weights); --ema converts the averages instead"
+        )
+    missing = [k for k in rest if "ema_" + k.replace(".", "_") not in ema]
+    if missing:
+        raise ConversionError(f"--ema: {src} has no average for {len(missing)} entries (first: {missing[:3]})")
+    return {
+        k: ema["ema_" + k.replace(".", "_")] for k in rest
+    }, f"converted the EMA averages ({len(ema)} ema_* buffers)"
+
+
 def run_convert(
     src: str | Path,
     dst: str | Path,
     model: str = "vit_adapter_t",
     variant: str = "segmentation",
     overrides: Sequence[str] = (),
+    ema: bool = False,
 ) -> str:
     """Convert ``src`` for ``conf/model/<model>.yaml`` (+ overrides) and write ``dst``; returns a report.
 
     Official keys that do not fit are listed in the report (and a model tensor without a counterpart is an
-    error), never silently dropped.
+    error), never silently dropped. ``ema``: an mmdet EMAHook checkpoint's averaged weights (:func:`take_ema`).
     """
     from omegaconf import OmegaConf
     from safetensors.torch import save
@@ -124,7 +151,8 @@ def run_convert(
     if variant not in ("segmentation", "detection"):
         raise ValueError(f"--variant must be segmentation or detection, got {variant!r}")
     raw = load_checkpoint_file(str(src))
-    full = unwrap_official(raw, prefix=None)
+    full, ema_note = take_ema(unwrap_official(raw, prefix=None), ema, src)
+    raw = {"state_dict": full}
     has_heads = variant == "segmentation" and any(k.startswith("decode_head.") for k in full)
     det_heads = variant == "detection" and any(k.startswith(_DET_HEADS) for k in full)
     head_overrides = _head_overrides(full) if has_heads else []
@@ -204,7 +232,7 @@ def run_convert(
         if det_heads
         else "backbone"
     )
-    lines = [f"wrote {len(tensors)} {what} tensors to {dst}"]
+    lines = [f"wrote {len(tensors)} {what} tensors to {dst}", *([ema_note] if ema_note else [])]
     if unconverted:
         lines.append(f"keys not converted ({len(unconverted)}): {', '.join(unconverted)}")
     if others:
