@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,25 +29,126 @@ def _outputs(out: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
     return out if isinstance(out, list | tuple) else [out]
 
 
-def time_model(model: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype: str) -> tuple[float, float]:
-    """Median forward (eval, no grad) and forward+backward (train, loss = sum of output means) seconds."""
+def _passes(model: nn.Module, x: torch.Tensor, dtype: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The forward (eval, no grad) and forward+backward (train, loss = sum of output means) passes timed."""
     autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
     def forward() -> None:
+        model.eval()
         with torch.no_grad(), autocast:
             model(x)
 
     def forward_backward() -> None:
+        model.train()
         with autocast:
             loss = sum(o.float().mean() for o in _outputs(model(x)))
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    model.eval()
-    fwd = _median_time(forward, runs, warmup)
-    model.train()
-    fwd_bwd = _median_time(forward_backward, runs, warmup)
-    return fwd, fwd_bwd
+    return forward, forward_backward
+
+
+def time_model(model: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype: str) -> tuple[float, float]:
+    """Median forward (eval, no grad) and forward+backward (train, loss = sum of output means) seconds."""
+    return time_models_interleaved([model], x, runs, warmup, dtype)[0]
+
+
+def time_models_interleaved(
+    models: list[nn.Module], x: torch.Tensor, runs: int, warmup: int, dtype: str
+) -> list[tuple[float, float]]:
+    """:func:`time_model` for several models with their runs interleaved (run i of every model before run i + 1
+    of any): a machine's drift (another process, frequency, the allocator) then weighs on all of them alike, which
+    is what makes their ratios trustworthy. Medians per model."""
+    passes = [_passes(m, x, dtype) for m in models]
+    fwd: list[list[float]] = [[] for _ in models]
+    fwd_bwd: list[list[float]] = [[] for _ in models]
+    for i in range(warmup + runs):
+        for j, (forward, forward_backward) in enumerate(passes):
+            for fn, store in ((forward, fwd[j]), (forward_backward, fwd_bwd[j])):
+                t0 = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    store.append(time.perf_counter() - t0)
+    return [(statistics.median(f), statistics.median(fb)) for f, fb in zip(fwd, fwd_bwd, strict=True)]
+
+
+COMPONENTS = ("spatial prior module", "injectors", "ViT blocks", "extractors")
+
+
+def _capture_component_calls(adapter: nn.Module, x: torch.Tensor, autocast) -> dict[str, list]:
+    """One training-mode forward of a :class:`~adapterctl.models.vit_adapter.ViTAdapter` recording each
+    component's calls (the bound method and detached copies of its arguments, with the real ``requires_grad``)."""
+    calls: dict[str, list] = {name: [] for name in COMPONENTS}
+    patched = []
+
+    def copy_arg(a):
+        if torch.is_tensor(a):
+            return a.detach().clone().requires_grad_(a.requires_grad)
+        if isinstance(a, list | tuple):
+            return type(a)(copy_arg(v) for v in a)
+        return a
+
+    def capture(name: str, obj, attr: str) -> None:
+        original = getattr(obj, attr)
+
+        def wrapper(*args, **kwargs):
+            calls[name].append((original, copy_arg(args), {k: copy_arg(v) for k, v in kwargs.items()}))
+            return original(*args, **kwargs)
+
+        setattr(obj, attr, wrapper)
+        patched.append((obj, attr))
+
+    capture("spatial prior module", adapter.spm, "forward")
+    capture("ViT blocks", adapter.trunk, "run_blocks")
+    for layer in adapter.interactions:
+        capture("injectors", layer.injector, "forward")
+        for extractor in [layer.extractor, *(layer.extra_extractors or [])]:
+            capture("extractors", extractor, "forward")
+    try:
+        adapter.train()
+        with autocast:
+            adapter(x)
+    finally:
+        for obj, attr in patched:
+            delattr(obj, attr)  # the class's method again
+    return calls
+
+
+def component_times(
+    adapter: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype: str
+) -> dict[str, tuple[float, float]]:
+    """Median forward and forward+backward seconds of each ViT-Adapter component (:data:`COMPONENTS`), replayed
+    on the inputs it received in a real forward: every call of that component in one timed run (4 injectors, the
+    ViT's block groups, 4 + 2 extractors). The backward starts from the mean of the outputs, as ``time_model``."""
+    autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    calls = _capture_component_calls(adapter, x, autocast)
+    out = {}
+    for name, group in calls.items():
+
+        def forward(group=group) -> None:
+            with torch.no_grad(), autocast:
+                for fn, args, kwargs in group:
+                    fn(*args, **kwargs)
+
+        def forward_backward(group=group) -> None:
+            for fn, args, kwargs in group:
+                with autocast:
+                    res = fn(*args, **kwargs)
+                outs = [t for t in _flat(res) if torch.is_tensor(t) and t.requires_grad]
+                sum(o.float().mean() for o in outs).backward()
+            adapter.zero_grad(set_to_none=True)
+
+        adapter.eval()
+        fwd = _median_time(forward, runs, warmup)
+        adapter.train()
+        out[name] = (fwd, _median_time(forward_backward, runs, warmup))
+    return out
+
+
+def _flat(res) -> list:
+    if isinstance(res, list | tuple):
+        return [t for r in res for t in _flat(r)]
+    return [res]
 
 
 def run_bench(
@@ -55,8 +158,10 @@ def run_bench(
     warmup: int = 2,
     threads: int = 0,
     dtype: str = "float32",
+    components: bool = True,
 ) -> dict[str, float]:
-    """Print and return forward / forward+backward times, their ratio to the plain ViT, and GFLOP/s."""
+    """Print and return forward / forward+backward times, their ratio to the plain ViT, GFLOP/s, the activation
+    memory autograd keeps, and (``components``) the adapter's time by component."""
     from rich.console import Console
     from rich.table import Table
     from timm.models.vision_transformer import VisionTransformer
@@ -95,11 +200,12 @@ def run_bench(
         (f"ViT-Adapter-{size.upper()}", adapter),
         (f"ViT-Adapter-{size.upper()}, official core", reference),
     )
-    rows = []
-    for name, model in models:
-        gflops = count_gflops(model, input_size)
-        fwd, fwd_bwd = time_model(model, x, runs, warmup, dtype)
-        rows.append((name, gflops, fwd, fwd_bwd))
+    autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    times = time_models_interleaved([m for _, m in models], x, runs, warmup, dtype)
+    rows, saved = [], []
+    for (name, model), (fwd, fwd_bwd) in zip(models, times, strict=True):
+        rows.append((name, count_gflops(model, input_size), fwd, fwd_bwd))
+        saved.append(saved_activation_bytes(model.train(), x, autocast) / 2**20)
     (_, pg, pf, pfb), (_, ag, af, afb), (_, _, rf, rfb) = rows
     results = {
         "reference_forward_s": rf,
@@ -112,20 +218,48 @@ def run_bench(
         "forward_backward_ratio": afb / pfb,
         "adapter_gflops": ag,
         "plain_gflops": pg,
+        "plain_activations_mib": saved[0],
+        "adapter_activations_mib": saved[1],
     }
     table = Table(
-        title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, median of {runs}"
+        title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, median of {runs} "
+        "interleaved runs"
     )
-    for col in ("model", "GFLOPs (fwd)", "forward s", "fwd+bwd s", "fwd GFLOP/s", "fwd+bwd GFLOP/s"):
+    cols = ("model", "GFLOPs (fwd)", "forward s", "fwd+bwd s", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "activations MiB")
+    for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
-    for name, g, f, fb in rows:
-        table.add_row(name, f"{g:.1f}", f"{f:.3f}", f"{fb:.3f}", f"{g / f:.0f}", f"{3 * g / fb:.0f}")
+    for (name, g, f, fb), mib in zip(rows, saved, strict=True):
+        table.add_row(name, f"{g:.1f}", f"{f:.3f}", f"{fb:.3f}", f"{g / f:.0f}", f"{3 * g / fb:.0f}", f"{mib:.0f}")
     table.add_section()
-    table.add_row("ratio adapter / plain", f"{ag / pg:.2f}", f"{af / pf:.2f}", f"{afb / pfb:.2f}", "", "")
-    table.add_row("ratio official core / plain", "", f"{rf / pf:.2f}", f"{rfb / pfb:.2f}", "", "")
-    console = Console(width=max(Console().width, 110))
+    table.add_row(
+        "ratio adapter / plain", f"{ag / pg:.2f}", f"{af / pf:.2f}", f"{afb / pfb:.2f}", "", "",
+        f"{saved[1] / saved[0]:.2f}",
+    )  # fmt: skip
+    table.add_row("ratio official core / plain", "", f"{rf / pf:.2f}", f"{rfb / pfb:.2f}", "", "", "")
+    console = Console(width=max(Console().width, 120))
     console.print(table)
-    console.print("fwd+bwd GFLOP/s counts backward as 2x forward; grid_sample FLOPs are not counted.")
+    console.print(
+        "fwd+bwd GFLOP/s counts backward as 2x forward; grid_sample FLOPs are not counted. activations: what "
+        "autograd keeps for backward in one forward."
+    )
+    if components:
+        parts = component_times(adapter, x, runs, warmup, dtype)
+        table = Table(title=f"ViT-Adapter-{size.upper()} by component (each replayed on its recorded inputs)")
+        for col in ("component", "forward s", "share", "fwd+bwd s", "share"):
+            table.add_column(col, justify="left" if col == "component" else "right")
+        rest = (af - sum(f for f, _ in parts.values()), afb - sum(fb for _, fb in parts.values()))
+        for name, (f, fb) in [*parts.items(), ("rest (embedding, level maps, norms)", rest)]:
+            table.add_row(name, f"{f:.3f}", f"{100 * f / af:.0f}%", f"{fb:.3f}", f"{100 * fb / afb:.0f}%")
+            key = name.split(" (")[0].replace(" ", "_").lower()
+            results[f"{key}_forward_s"], results[f"{key}_forward_backward_s"] = f, fb
+        table.add_section()
+        table.add_row("whole adapter (above)", f"{af:.3f}", "100%", f"{afb:.3f}", "100%")
+        console.print(table)
+        adapter_only = af - parts["ViT blocks"][0], afb - parts["ViT blocks"][1]
+        console.print(
+            f"the adapter's own work (all but the ViT blocks): {adapter_only[0]:.3f} s forward, "
+            f"{adapter_only[1]:.3f} s fwd+bwd; the plain ViT: {pf:.3f} / {pfb:.3f} s"
+        )
     return results
 
 
@@ -330,3 +464,117 @@ def run_bench_freeze(
     Console(width=max(Console().width, 110)).print(table)
     Console().print("activations: bytes autograd saves for backward in one forward (saved_tensors_hooks).")
     return results
+
+
+def run_bench_train_step(
+    experiment: str,
+    overrides: list[str] | None = None,
+    steps: int = 6,
+    warmup: int = 2,
+    threads: int = 0,
+    out_dir: str | None = None,
+) -> dict[str, float]:
+    """A training iteration of ``experiment`` (+ ``overrides``) two ways, in one run: (1) the real loop
+    (``run_train`` for ``warmup + steps`` iterations logging every one, the median of its own per-iteration times
+    after the warmup: logging, loss read-back, the progress bar, DataLoader workers all included; logging every
+    iteration costs it a little more than a real run's interval) and (2) the same model, optimizer and loader
+    timed part by part (data wait, forward with the loss, backward, optimizer step). The loop's step over the sum
+    of the parts is the loop's overhead; the data wait's share says whether loading keeps up. Peak memory: the
+    process's peak resident set (CPU) or the CUDA allocator's peak."""
+    import resource
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from adapterctl.config import compose
+    from adapterctl.config_schema import check_config
+    from adapterctl.data.loader import train_loader
+    from adapterctl.engine.optim import build_optimizer, build_scheduler
+    from adapterctl.engine.precision import autocast_context, resolve_amp
+    from adapterctl.engine.tasks import get_task
+    from adapterctl.engine.train import run_train
+    from adapterctl.models.build import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = list(overrides or [])
+    total = warmup + steps
+    with tempfile.TemporaryDirectory(prefix="adapterctl-bench-") as tmp:
+        run = [f"experiment={experiment}", *overrides, f"trainer.max_iters={total}", "trainer.log_interval=1",
+               f"trainer.eval_interval={10 * total}", f"trainer.checkpoint_interval={10 * total}",
+               f"paths.output_dir={out_dir or tmp + '/run'}"]  # fmt: skip
+        cfg = compose("train", run)
+        check_config(cfg)
+        t = cfg.trainer
+        device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        amp = resolve_amp(str(t.amp), device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        # (1) the real loop first (it also checks the config and the data), logging its it/s per `steps`
+        run_train(compose("train", run))
+
+        # (2) the parts, on the run's own model, optimizer and loader
+        task = get_task(cfg)
+        torch.manual_seed(int(cfg.seed))
+        model = build_model(cfg).to(device).train()
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.schedule, total, float(cfg.optim.lr))
+        loader = train_loader(task.dataset(train=True), int(t.batch_size), int(t.num_workers), 0, 1, int(cfg.seed),
+                              0, collate_fn=task.collate_train)  # fmt: skip
+        phases = ("data wait", "forward + loss", "backward", "optimizer")
+        samples: dict[str, list[float]] = {p: [] for p in phases}
+        data_iter = iter(loader)
+        try:
+            for i in range(total):
+                t0 = time.perf_counter()
+                batch = next(data_iter)
+                t1 = time.perf_counter()
+                with autocast_context(device, amp):
+                    out = model(*task.inputs(batch, device))
+                loss = sum(v for k, v in out.items() if k.startswith("loss"))
+                sync()
+                t2 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                sync()
+                t3 = time.perf_counter()
+                if cfg.optim.get("grad_clip"):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.grad_clip))
+                optimizer.step()
+                scheduler.step()
+                sync()
+                t4 = time.perf_counter()
+                if i >= warmup:
+                    for p, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                        samples[p].append(v)
+        finally:
+            getattr(data_iter, "_shutdown_workers", lambda: None)()  # workers ignore SIGTERM: stop them here
+        del model, optimizer, data_iter
+
+        rows = [
+            json.loads(line) for line in (Path(run[-1].split("=", 1)[1]) / "metrics.jsonl").read_text().splitlines()
+        ]
+    # logged every iteration: each row's it/s is one iteration's wall time through the whole loop
+    loop_step = statistics.median([1.0 / r["train/it_per_s"] for r in rows if "train/it_per_s" in r][warmup:])
+    med = {p: statistics.median(v) for p, v in samples.items()}
+    parts = sum(med.values())
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA allocator)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process peak RSS)"
+    b = int(cfg.trainer.batch_size)
+    table = Table(title=f"training step: {experiment}, batch {b}, {amp}, {int(cfg.trainer.num_workers)} loader "
+                        f"workers, median of {steps} after {warmup}")  # fmt: skip
+    for col in ("phase", "seconds", "share"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for p in phases:
+        table.add_row(p, f"{med[p]:.3f}", f"{100 * med[p] / parts:.1f}%")
+    table.add_section()
+    table.add_row("sum of the parts", f"{parts:.3f}", "100%")
+    table.add_row("the training loop's step", f"{loop_step:.3f}", f"{100 * loop_step / parts:.1f}%")
+    Console(width=max(Console().width, 100)).print(table)
+    Console().print(f"loop / parts {loop_step / parts:.2f}x; data wait {100 * med['data wait'] / parts:.1f}% of the "
+                    f"step; {b / loop_step:.2f} images/s; peak memory {peak}")  # fmt: skip
+    return {**{f"{p.replace(' + ', '_').replace(' ', '_')}_s": v for p, v in med.items()}, "parts_s": parts,
+            "loop_step_s": loop_step, "loop_over_parts": loop_step / parts, "images_per_s": b / loop_step}  # fmt: skip

@@ -103,6 +103,7 @@ def convert(
 
 @app.command()
 def bench(
+    overrides: Overrides = None,
     size: Annotated[str, typer.Option(help="Backbone size: t, s, b or l.")] = "t",
     input_size: Annotated[int, typer.Option("--input", help="Square input side (multiple of 32).")] = 512,
     runs: Annotated[int, typer.Option(help="Timed runs (the median is reported).")] = 5,
@@ -131,6 +132,17 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the numbers (and the machine) to this JSON file.")
     ] = None,
+    components: Annotated[
+        bool, typer.Option(help="Backbone benchmark: also time each adapter component on its recorded inputs.")
+    ] = True,
+    train_step: Annotated[
+        str | None,
+        typer.Option(
+            "--train-step",
+            help="Time a training iteration of this experiment (+ key=value overrides, e.g. data.root=...): the "
+            "real loop against the sum of its parts (data wait, forward, backward, optimizer), peak memory.",
+        ),
+    ] = None,
 ) -> None:
     """Time ViT-Adapter against its plain timm ViT in the same run: forward, forward+backward, ratio, GFLOP/s."""
     from adapterctl.bench import run_bench, run_bench_checkpoint
@@ -158,12 +170,22 @@ def bench(
         raise _fail(f"--input must be a multiple of 32, got {input_size}")
     if dtype not in ("float32", "bfloat16"):
         raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if train_step is not None:
+        from adapterctl.bench import run_bench_train_step
+
+        done("train_step", _run_guarded(
+            lambda: run_bench_train_step(train_step, overrides or [], runs, warmup, threads)))  # fmt: skip
+        return
     if ckpt is not None:
         done(
             "checkpoint",
-            _run_guarded(lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype)),
+            _run_guarded(
+                lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype, overrides or [])
+            ),
         )
         return
+    if overrides:
+        raise _fail(f"unexpected arguments {overrides}: key=value overrides go with --train-step or --ckpt")
     if freeze is not None:
         from adapterctl.bench import run_bench_freeze
 
@@ -176,7 +198,8 @@ def bench(
             lambda: run_bench_mask2former_step(m2f_step, None, runs, warmup, threads, dtype)))  # fmt: skip
         return
     done("backbone", _run_guarded(
-        lambda: run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype)
+        lambda: run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype,
+                          components=components)
     ))  # fmt: skip
 
 
