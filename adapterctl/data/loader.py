@@ -79,11 +79,15 @@ def class_names(data: DictConfig) -> list[str]:
     return names
 
 
-def to_annotation_values(pred: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
+def to_annotation_values(pred: np.ndarray, reduce_zero_label: bool, num_classes: int | None = None) -> np.ndarray:
     """Predicted classes 0..K-1 as the values the dataset's annotation PNGs use, the one convention of every label
     PNG adapterctl writes (``eval save_predictions=true`` and ``predict``): with ``reduce_zero_label`` (ADE20K,
-    COCO-Stuff) class k is written k + 1 and 0 stays "unlabelled", as the ADE20K test server expects; else k."""
-    return (pred.astype(np.int64) + int(reduce_zero_label)).astype(np.uint8)
+    COCO-Stuff) class k is written k + 1 and 0 stays "unlabelled", as the ADE20K test server expects; else k.
+    uint8 (an 8-bit PNG) when every value of ``num_classes`` classes fits, else uint16 (a 16-bit PNG): a model with
+    more classes never wraps around; decided by the class count, so all of one model's PNGs share a depth."""
+    values = pred.astype(np.int64) + int(reduce_zero_label)
+    top = (int(num_classes) - 1 + int(reduce_zero_label)) if num_classes else int(values.max(initial=0))
+    return values.astype(np.uint8 if top <= 255 else np.uint16)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature

@@ -97,8 +97,8 @@ def evaluate_segmentation(
             pred = scores.argmax(1)[0]
             evaluator.update(pred, sample["label"].to(device))
             if predictions_dir is not None:
-                png = to_annotation_values(pred.cpu().numpy(), reduce_zero_label)
-                save_image(Image.fromarray(png, mode="L"), predictions_dir / f"{Path(sample['path']).stem}.png")
+                png = to_annotation_values(pred.cpu().numpy(), reduce_zero_label, evaluator.num_classes)
+                save_image(Image.fromarray(png), predictions_dir / f"{Path(sample['path']).stem}.png")  # L or I;16
     model.train(was_training)
     return evaluator.compute()
 
