@@ -483,7 +483,7 @@ class ViTAdapter(nn.Module):
             c4 = c4 + _resize_to(x4, c4.shape[-2:])
 
         return [
-            norm(f).contiguous()
+            norm(f.contiguous())
             for norm, f in zip((self.norm1, self.norm2, self.norm3, self.norm4), (c1, c2, c3, c4), strict=True)
         ]
 
