@@ -156,3 +156,19 @@ def test_aug_test_is_htcs_only(model):
     assert not hasattr(AdapterCascadeMaskRCNN, "aug_test")
     with pytest.raises(TypeError, match="HTC"):
         htc_aug_test(nn.Module(), [], (1, 1))
+
+
+def test_a_checkpoint_from_before_the_aug_keys_takes_them_as_overrides():
+    """A run saved before ``data.test.aug_*`` existed: eval / predict overrides of those keys still fit (they take
+    the data group's defaults first); keys the checkpoint holds keep its values."""
+    from omegaconf import OmegaConf
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import checkpoint_config
+
+    cfg = OmegaConf.to_container(compose("train", ["head=htc", "data=synthetic_det", "data.test.scales=[[96,64]]"]))
+    for key in ("mode", "aug_scales", "aug_flip", "aug_scale_ranges", "aug_max_per_img"):
+        del cfg["data"]["test"][key]
+    got = checkpoint_config({"config": cfg}, ["data.test.aug_scales=[[128,64]]"])
+    assert got.data.test.aug_scales == [[128, 64]] and got.data.test.mode == "whole"
+    assert got.data.test.aug_max_per_img == 1000 and got.data.test.scales == [[96, 64]]  # its own value kept

@@ -226,6 +226,7 @@ def checkpoint_config(state: dict, overrides: Sequence[str] = ()) -> DictConfig:
     import yaml
 
     cfg = OmegaConf.create(state["config"])
+    _add_later_data_keys(cfg)
     OmegaConf.set_struct(cfg, True)
     for ov in overrides:
         key, sep, value = ov.partition("=")
@@ -240,6 +241,27 @@ def checkpoint_config(state: dict, overrides: Sequence[str] = ()) -> DictConfig:
             raise ConfigError(f"override '{ov}' does not fit the checkpoint's config: {exc}".splitlines()[0]) from None
         OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _add_later_data_keys(cfg: DictConfig) -> None:
+    """A checkpoint written before a ``data`` key existed (e.g. ``data.test.aug_scales``) gets that key's current
+    default from its data group (``conf/data/<data.name>.yaml``), so the key can be overridden; keys the checkpoint
+    has are never touched."""
+    from adapterctl.config import CONFIG_DIR, compose
+
+    name = cfg.get("data", {}).get("name")
+    if not name or not (CONFIG_DIR / "data" / f"{name}.yaml").is_file():
+        return
+    defaults = OmegaConf.to_container(compose("train", [f"data={name}"]).data, resolve=False)
+
+    def fill(node: DictConfig, ref: dict) -> None:
+        for key, value in ref.items():
+            if key not in node:
+                node[key] = value
+            elif isinstance(value, dict) and isinstance(node.get(key), DictConfig):
+                fill(node[key], value)
+
+    fill(cfg.data, defaults)
 
 
 def load_model_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[nn.Module, DictConfig, dict]:
