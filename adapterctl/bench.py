@@ -503,7 +503,7 @@ def run_bench_train_step(
     with tempfile.TemporaryDirectory(prefix="adapterctl-bench-") as tmp:
         run = [f"experiment={experiment}", *overrides, f"trainer.max_iters={total}", "trainer.log_interval=1",
                f"trainer.eval_interval={10 * total}", f"trainer.checkpoint_interval={10 * total}",
-               f"paths.output_dir={out_dir or tmp + '/run'}"]  # fmt: skip
+               "trainer.final_eval=false", f"paths.output_dir={out_dir or tmp + '/run'}"]  # fmt: skip
         cfg = compose("train", run)
         check_config(cfg)
         t = cfg.trainer
@@ -515,6 +515,8 @@ def run_bench_train_step(
         run_train(compose("train", run))
 
         # (2) the parts, on the run's own model, optimizer and loader
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         task = get_task(cfg)
         torch.manual_seed(int(cfg.seed))
         model = build_model(cfg).to(device).train()

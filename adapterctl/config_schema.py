@@ -49,6 +49,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "trainer.eval_interval": POSITIVE_INT,
     "trainer.checkpoint_interval": POSITIVE_INT,
     "trainer.keep_checkpoints": NON_NEGATIVE_INT,
+    "trainer.final_eval": Rule("bool", expected="true or false"),
     "trainer.device": _choice("auto", "cpu", "cuda"),
     "trainer.amp": _choice("auto", "bf16", "fp16", "none"),
     "optim.lr": _float(lambda v: v > 0, "a positive number"),

@@ -172,3 +172,18 @@ def test_a_checkpoint_from_before_the_aug_keys_takes_them_as_overrides():
     got = checkpoint_config({"config": cfg}, ["data.test.aug_scales=[[128,64]]"])
     assert got.data.test.aug_scales == [[128, 64]] and got.data.test.mode == "whole"
     assert got.data.test.aug_max_per_img == 1000 and got.data.test.scales == [[96, 64]]  # its own value kept
+
+
+def test_an_earlier_htc_row_checkpoint_gets_its_rows_ms_protocol():
+    """An HTC++ row's checkpoint from before the aug keys: mode=aug takes that row's _ms scales and size ranges."""
+    from omegaconf import OmegaConf
+
+    from adapterctl.config import compose
+    from adapterctl.models.build import checkpoint_config
+
+    cfg = OmegaConf.to_container(compose("train", ["experiment=coco_htc_beit_adapter_l_3x"]))
+    for key in ("mode", "aug_scales", "aug_flip", "aug_scale_ranges", "aug_max_per_img"):
+        del cfg["data"]["test"][key]
+    got = checkpoint_config({"config": cfg})
+    assert got.data.test.aug_scales[-1] == [3000, 1600] and got.data.test.aug_scale_ranges[0] == ["l"]
+    assert got.head.max_per_img == 100 and "max_per_img" not in got.data

@@ -309,6 +309,7 @@ def test_bench_train_step_compares_the_loop_with_its_parts(synth_seg, tmp_path):
     assert result.exit_code == 0, result.output
     for needle in ("data wait", "forward + loss", "backward", "optimizer", "sum of the parts", "peak memory"):
         assert needle in result.output
+    assert "mIoU" not in result.output  # the loop's final evaluation is skipped (trainer.final_eval=false)
     r = json.loads(out.read_text())["results"]
     parts = r["data_wait_s"] + r["forward_loss_s"] + r["backward_s"] + r["optimizer_s"]
     assert r["parts_s"] == pytest.approx(parts) and r["loop_step_s"] > 0 and r["images_per_s"] > 0

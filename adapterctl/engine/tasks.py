@@ -7,6 +7,7 @@ terms, backward, step.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from torch import nn
 from adapterctl.engine.precision import autocast_context
 from adapterctl.errors import ConfigError, TrainingError
 from adapterctl.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationTask:
@@ -193,7 +196,15 @@ class DetectionTask:
                 f"mode=aug is HTC++'s multi-scale + flip test (the official _ms configs); head={head} has none"
             )
         if not test.get("aug_scales"):
-            raise ConfigError("mode=aug needs data.test.aug_scales (e.g. [[3000,600],[3000,800],...,[3000,1600]])")
+            raise ConfigError(
+                "mode=aug needs data.test.aug_scales (e.g. [[3000,600],[3000,800],...,[3000,1600]]) and, for the "
+                "official _ms test, data.test.aug_scale_ranges ([[l],[l],[m,l],[s,m],[s,m],[s,m]])"
+            )
+        if test.get("aug_scale_ranges") is None:
+            log.warning(
+                "mode=aug with data.test.aug_scale_ranges=null: every view keeps boxes of all sizes (the official "
+                "_ms configs keep [[l],[l],[m,l],[s,m],[s,m],[s,m]])"
+            )
         try:
             check_scale_ranges(test.get("aug_scale_ranges"), len(test.aug_scales), "data.test.aug_scale_ranges")
         except ValueError as exc:

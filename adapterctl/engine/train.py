@@ -300,7 +300,8 @@ def run_train(cfg: DictConfig) -> dict:
                     metrics = run_eval(step)
         window.flush(dist, last_good)
         last_good = save(step) or last_good
-        metrics = run_eval(step)
+        if t.get("final_eval", True):
+            metrics = run_eval(step)
         if dist.is_main:
             ckpt_final = ckpt_dir / "final.pt"
             if last_good is not None:  # a new link renamed over the old one: final.pt is never missing
@@ -308,7 +309,8 @@ def run_train(cfg: DictConfig) -> dict:
                 link.unlink(missing_ok=True)
                 link.symlink_to(Path(last_good).name)
                 os.replace(link, ckpt_final)
-            console.print(task_impl.table(metrics, f"{cfg.experiment_name}: iteration {step}"))
+            if metrics:
+                console.print(task_impl.table(metrics, f"{cfg.experiment_name}: iteration {step}"))
             if skipped:
                 console.print(f"[yellow]skipped {len(skipped)} bad sample(s)[/], e.g. {sorted(skipped)[0]}")
             console.print(f"run directory: {out_dir}")

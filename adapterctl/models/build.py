@@ -245,14 +245,19 @@ def checkpoint_config(state: dict, overrides: Sequence[str] = ()) -> DictConfig:
 
 def _add_later_data_keys(cfg: DictConfig) -> None:
     """A checkpoint written before a ``data`` key existed (e.g. ``data.test.aug_scales``) gets that key's current
-    default from its data group (``conf/data/<data.name>.yaml``), so the key can be overridden; keys the checkpoint
-    has are never touched."""
+    value from its experiment (``conf/experiment/<experiment_name>.yaml``: an HTC++ row's ``_ms`` scales and size
+    ranges) or else its data group (``conf/data/<data.name>.yaml``), so the key can be overridden; keys the
+    checkpoint has are never touched."""
     from adapterctl.config import CONFIG_DIR, compose
 
-    name = cfg.get("data", {}).get("name")
-    if not name or not (CONFIG_DIR / "data" / f"{name}.yaml").is_file():
+    experiment, name = cfg.get("experiment_name"), cfg.get("data", {}).get("name")
+    if experiment and (CONFIG_DIR / "experiment" / f"{experiment}.yaml").is_file():
+        source = [f"experiment={experiment}"]
+    elif name and (CONFIG_DIR / "data" / f"{name}.yaml").is_file():
+        source = [f"data={name}"]
+    else:
         return
-    defaults = OmegaConf.to_container(compose("train", [f"data={name}"]).data, resolve=False)
+    defaults = OmegaConf.to_container(compose("train", source).data, resolve=False)
 
     def fill(node: DictConfig, ref: dict) -> None:
         for key, value in ref.items():

@@ -276,8 +276,10 @@ class HTCRoIHeads(CascadeRoIHeads):
         from torchvision.ops.poolers import _convert_to_roi_format
 
         sem = features["semantic"]
-        rois = _convert_to_roi_format([b.to(sem.dtype) for b in boxes])
-        return roi_align(sem, rois, (14, 14), 1.0 / self.semantic_stride, sampling_ratio=0, aligned=True)
+        # float32 boxes and map: a bf16 box (autocast) would round 1600-3000 px coordinates to 8-16 px steps
+        rois = _convert_to_roi_format([b.float() for b in boxes])
+        out = roi_align(sem.float(), rois, (14, 14), 1.0 / self.semantic_stride, sampling_ratio=0, aligned=True)
+        return out.to(sem.dtype)
 
     def box_features(self, features, boxes, image_shapes) -> Tensor:
         x = super().box_features(features, boxes, image_shapes)

@@ -62,6 +62,7 @@ def aug_views(
     then (``flip``) its mirror; ``ranges[i]`` goes with both views of scale ``i``."""
     from adapterctl.data.transforms import rescale_size, resize_image
 
+    ranges = check_scale_ranges(ranges, len(scales), "scale_ranges")
     h, w = int(image.shape[-2]), int(image.shape[-1])
     views = []
     for i, scale in enumerate(scales):
