@@ -143,7 +143,35 @@ def test_rpn_training_as_the_cascade_config(fx, model):
     torch.testing.assert_close(losses["loss_objectness"], sum(fx["losses"]["loss_rpn_cls"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(losses["loss_rpn_box_reg"], sum(fx["losses"]["loss_rpn_bbox"]), rtol=1e-5, atol=0)
     assert props[0].shape == r["proposals"][:, :4].shape  # 1386 of the 2000 allowed survive
-    torch.testing.assert_close(props[0], r["proposals"][:, :4], atol=1e-3, rtol=0)
+    perm = _tie_order(props[0], r["proposals"])
+    torch.testing.assert_close(props[0], r["proposals"][perm, :4], atol=1e-3, rtol=0)
+
+
+def _tie_order(ours, want):
+    """``perm`` with ``ours[i] == want[perm[i]]``: the identity, or a reordering only among proposals whose
+    official scores are exactly equal (float32 ties, e.g. fixture rows 1026/1027 at 0.0054915394, which another
+    CPU's rounding of the RPN convolutions, AVX2 against AVX512, breaks by an ulp). Anything else fails."""
+    assert ours.shape == want[:, :4].shape
+    perm = torch.arange(ours.shape[0])
+    for i in ((ours - want[:, :4]).abs() > 1e-3).any(1).nonzero().flatten().tolist():
+        gap = (want[:, :4] - ours[i]).abs().max(1).values
+        j = int(gap.argmin())
+        assert float(gap[j]) <= 1e-3 and bool(want[j, 4] == want[i, 4]), f"proposal {i} is not a swap within a tie"
+        perm[i] = j
+    assert sorted(perm.tolist()) == list(range(ours.shape[0]))
+    return perm
+
+
+def _training_proposals(fx, model, calls):
+    """The RPN's training proposals with the stored RPN draws (no stage runs)."""
+    import copy
+
+    net = _train_mode(copy.deepcopy(model))
+    net.rpn.sampler = ReplayChoice([c["result"] for c in calls if c["sampler"] == "rpn"])
+    with torch.no_grad():
+        images, targets = net.transform([torch.zeros(3, *_hw(fx))], _targets(fx))
+        props, _ = net.rpn(images, net.backbone(images.tensors), targets)
+    return props[0]
 
 
 @pytest.mark.parametrize("bn_train", [False, True], ids=["bn_eval", "bn_train"])
@@ -157,17 +185,33 @@ def test_whole_training_pass_gives_the_official_total(fx, model, bn_train):
     calls = fx["train_bn_train_random_choice_calls" if bn_train else "train"]
     calls = calls if bn_train else calls["random_choice_calls"]
     want = fx["losses" + suffix]
+    # where this CPU breaks an official score tie, the proposals come in another order: the stored stage-0 draws
+    # (indices into [GT, proposals]) are mapped onto it, so the same RoIs are drawn
+    perm = _tie_order(_training_proposals(fx, model, calls), fx["train"]["rpn"]["proposals"])
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    g = fx["gt_bboxes"].shape[0]
+
+    def draw(c):
+        res = c["result"]
+        return torch.where(res >= g, g + inv[(res - g).clamp(min=0)], res) if c["sampler"] == "rcnn0" else res
+
+    same_order = bool(torch.equal(perm, torch.arange(perm.numel())))
     for replay in (True, False):
         net = _train_mode(copy.deepcopy(model), bn_train)  # BN in train mode moves the running statistics
-        net.set_sampler(ReplayChoice([c["result"] for c in calls]) if replay else None)
+        net.set_sampler(ReplayChoice([draw(c) for c in calls]) if replay else None)
         torch.manual_seed(fx["meta"]["loss_seed"])
         with torch.no_grad():
             losses = net([torch.zeros(3, *_hw(fx))], _targets(fx))
+        # seeded draws pick positions in the candidate lists, which a broken tie reorders: there the seeded pass
+        # draws a few other RoIs, so its total agrees to 1e-3 and its terms to 1e-2 (the replayed pass: 1e-5)
+        exact = replay or same_order
         total = sum(v for k, v in losses.items() if k.startswith("loss"))
-        torch.testing.assert_close(total, fx["loss_total" + suffix].reshape(()), rtol=1e-5, atol=0)
+        torch.testing.assert_close(total, fx["loss_total" + suffix].reshape(()), rtol=1e-5 if exact else 1e-3, atol=0)
         for i in range(3):
             for key in ("loss_cls", "loss_bbox", "loss_mask", "acc"):
-                torch.testing.assert_close(losses[f"{key}.s{i}"], want[f"s{i}.{key}"].reshape(()), rtol=1e-5, atol=0)
+                got, ref = losses[f"{key}.s{i}"], want[f"s{i}.{key}"].reshape(())
+                torch.testing.assert_close(got, ref, rtol=1e-5 if exact else 1e-2, atol=0)
 
 
 def test_training_pass_under_bf16_autocast(fx, model):
