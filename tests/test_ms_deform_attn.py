@@ -102,3 +102,15 @@ def test_reset_parameters_fans_points_out_like_deformable_detr():
     torch.testing.assert_close(bias[0, :, 1], torch.tensor([[2.0, 0.0], [2.0, 0.0]]))
     torch.testing.assert_close(bias[1, 0, 0], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
     assert attn.attention_weights.weight.abs().sum() == 0 and attn.sampling_offsets.weight.abs().sum() == 0
+
+
+def test_gather_backward_in_bfloat16_follows_float32():
+    """bf16 values (autocast's value_proj output) take the per-sample-weights path of the corner dots."""
+    value, shapes, loc, w = _inputs(seed=3)
+    low = [value.bfloat16().requires_grad_(), loc.clone().requires_grad_(), w.bfloat16().requires_grad_()]
+    ms_deform_attn_core_gather(low[0], shapes, low[1], low[2]).float().square().sum().backward()
+    ref = [t.clone().requires_grad_() for t in (value, loc, w)]
+    ms_deform_attn_core(ref[0], shapes, ref[1], ref[2]).square().sum().backward()
+    for a, b in zip(low, ref, strict=True):
+        assert a.grad.dtype == a.dtype
+        assert (a.grad.float() - b.grad).abs().max() <= 2e-2 * b.grad.abs().max()

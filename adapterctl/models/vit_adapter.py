@@ -39,6 +39,27 @@ def _tokens_to_map(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
     return tokens.reshape(b, hw[0], hw[1], d).permute(0, 3, 1, 2)
 
 
+def _upsample_2x2(up: nn.ConvTranspose2d, x: Tensor) -> Tensor:
+    """``up`` (a 2x2, stride-2 transposed convolution) on the (B, D, h, w) map ``x``, as matmul + pixel shuffle.
+
+    Output pixel (2i + di, 2j + dj) is input pixel (i, j) times kernel tap (di, dj): one (O * 4, D) matmul
+    gives every tap as a channel, ``pixel_shuffle`` interleaves them. The same sums as ``up(x)`` without
+    oneDNN's transposed-convolution backward (4x slower than the matmul's on CPU); the layout of ``x``
+    (contiguous or channels-last) is kept.
+    """
+    b, d, h, w = x.shape
+    out = up.out_channels
+    weight = up.weight.reshape(d, out * 4)  # (in, out, di, dj): column o * 4 + di * 2 + dj, pixel_shuffle's order
+    bias = torch.zeros_like(weight[0]) if up.bias is None else up.bias.repeat_interleave(4)
+    if x.is_contiguous():
+        y = torch.baddbmm(bias.view(1, -1, 1), weight.t().expand(b, -1, -1), x.view(b, d, h * w))
+        y = y.view(b, out * 4, h, w)
+    else:  # channels-last: rows are pixels
+        y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(b * h * w, d), weight).view(b, h, w, out * 4)
+        y = y.permute(0, 3, 1, 2)
+    return F.pixel_shuffle(y, 2)
+
+
 def reference_points(shapes: Shapes, device: torch.device) -> Tensor:
     """Pixel centres of each (H, W) grid as normalised (x, y), concatenated: (1, sum HW, 1, 2)."""
     refs = []
@@ -463,18 +484,25 @@ class ViTAdapter(nn.Module):
             tokens, c, prefix = layer(tokens, c, prefix, run_vit, deform_inputs, c_shapes)
             outs.append(tokens)
 
-        # token sets back to maps, as channels-last views (B, h, w, D -> B, D, h, w) without copies
+        # token sets back to maps, all in c1's memory layout (channels-last in inference, contiguous in
+        # training: sums of mixed layouts run 5x slower, and the BatchNorms' backward wants one layout)
+        channels_last = not c1.is_contiguous() and c1.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+
+        def to_map(tokens: Tensor, shape: tuple[int, int]) -> Tensor:
+            return _tokens_to_map(tokens, shape).contiguous(memory_format=layout)
+
         n2, n3 = c_shapes[0][0] * c_shapes[0][1], c_shapes[1][0] * c_shapes[1][1]
-        c2 = _tokens_to_map(c[:, :n2], c_shapes[0])
-        c3 = _tokens_to_map(c[:, n2 : n2 + n3], c_shapes[1])
-        c4 = _tokens_to_map(c[:, n2 + n3 :], c_shapes[2])
-        c1 = self.up(c2) + c1
+        c2 = to_map(c[:, :n2], c_shapes[0])
+        c1 = _upsample_2x2(self.up, c2) + c1
+        c3 = to_map(c[:, n2 : n2 + n3], c_shapes[1])
+        c4 = to_map(c[:, n2 + n3 :], c_shapes[2])
 
         if self.add_vit_feature:
             if self.vit_feature_mode == "per_interaction":
-                x1, x2, x3, x4 = (_tokens_to_map(o, hw) for o in outs)
+                x1, x2, x3, x4 = (to_map(o, hw) for o in outs)
             else:
-                x1 = x2 = x3 = x4 = _tokens_to_map(outs[-1], hw)
+                x1 = x2 = x3 = x4 = to_map(outs[-1], hw)
             # explicit sizes: the ViT grid is the stride-16 map for 16x16 patches (the official scale factors 4,
             # 2, 1, 0.5 give the same numbers), the 1/p grid otherwise
             c1 = c1 + _resize_to(x1, c1.shape[-2:])
