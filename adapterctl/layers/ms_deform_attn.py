@@ -56,7 +56,8 @@ def ms_deform_attn_core(
 def _bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor, n: int, m: int, len_in: int):
     """Per (batch, query, head, level, point): the 4 bilinear corners of its location in the flattened value.
 
-    Returns ``rows`` (N, Lq, M, L, P, 4) int32 into the (N * M * Len_in, D) value rows, the fractions ``fx``,
+    Returns ``rows`` (N, Lq, M, L, P, 4) int32 into the value's (N * Len_in * M, D) rows (``value.view``: row
+    ``(b * Len_in + position) * M + head``, no copy), the fractions ``fx``,
     ``fy`` (N, Lq, M, L, P) and ``valid`` (N, Lq, M, L, P, 4): whether each corner lies inside its map (zero
     padding). Corners are ordered (y0, x0), (y0, x1), (y1, x0), (y1, x1); pixel coordinates follow
     ``align_corners=False`` (``loc * size - 0.5``).
@@ -72,10 +73,10 @@ def _bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor,
     i32 = torch.int32
     heights = torch.tensor([h for h, _ in spatial_shapes], device=device, dtype=i32).view(n_levels, 1)
     widths = torch.tensor([w for _, w in spatial_shapes], device=device, dtype=i32).view(n_levels, 1)
-    # flat row of each (batch, head, level) origin: ((b * M + h) * Len_in + level_start); N, 1, M, L, 1
-    origin = torch.tensor(starts, device=device, dtype=i32).view(1, 1, 1, n_levels, 1) + len_in * (
-        torch.arange(n * m, device=device, dtype=i32).view(n, 1, m, 1, 1)
-    )
+    # flat row of each (batch, head, level) origin: (b * Len_in + level_start) * M + head; N, 1, M, L, 1
+    level_starts = torch.tensor(starts, device=device, dtype=i32).view(1, 1, 1, n_levels, 1)
+    batch_starts = len_in * torch.arange(n, device=device, dtype=i32).view(n, 1, 1, 1, 1)
+    origin = (batch_starts + level_starts) * m + torch.arange(m, device=device, dtype=i32).view(1, 1, m, 1, 1)
     x = sampling_locations[..., 0] * widths.to(dtype) - 0.5
     y = sampling_locations[..., 1] * heights.to(dtype) - 0.5
     x0f, y0f = x.floor(), y.floor()
@@ -85,8 +86,8 @@ def _bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor,
     vx0, vx1 = (x0 >= 0) & (x0 < widths), (x0 >= -1) & (x0 < widths - 1)
     vy0, vy1 = (y0 >= 0) & (y0 < heights), (y0 >= -1) & (y0 < heights - 1)
     valid = torch.stack([vx0 & vy0, vx1 & vy0, vx0 & vy1, vx1 & vy1], -1)
-    top_left = origin + y0 * widths + x0
-    corner_offsets = torch.stack([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], -1)
+    top_left = origin + (y0 * widths + x0) * m
+    corner_offsets = m * torch.stack([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], -1)
     rows = top_left[..., None] + corner_offsets.view(1, 1, 1, n_levels, 1, 4)
     rows = rows.clamp_(0, n * m * len_in - 1)  # out-of-map corners carry weight 0; any valid row will do
     return rows, fx, fy, valid
@@ -132,7 +133,7 @@ class _GatherSample(torch.autograd.Function):
         _, lq, _, n_levels, n_points, _ = sampling_locations.shape
         rows, fx, fy, valid = _bilinear_corners(spatial_shapes, sampling_locations, n, m, len_in)
         weights = _corner_weights(fx, fy, valid, attention_weights).to(value.dtype)
-        value_rows = value.permute(0, 2, 1, 3).reshape(n * m * len_in, d)
+        value_rows = value.reshape(n * len_in * m, d)
         k = n_levels * n_points * 4
         out = F.embedding_bag(rows.view(n * lq * m, k), value_rows, mode="sum", per_sample_weights=weights.view(-1, k))
         ctx.save_for_backward(value_rows, rows, fx, fy, valid, attention_weights, weights)
@@ -161,7 +162,7 @@ class _GatherSample(torch.autograd.Function):
                 mode="sum",
                 per_sample_weights=weights.view(-1)[order],
             )
-            grad_value = grad_rows.view(n, m, len_in, d).permute(0, 2, 1, 3)
+            grad_value = grad_rows.view(n, len_in, m, d)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w = _corner_dots(grad, value_rows, flat, n_bags, k)
             u = grad_w.view(valid.shape).to(fx.dtype).mul_(valid)
@@ -200,7 +201,7 @@ def ms_deform_attn_core_gather(
         return _GatherSample.apply(value, sampling_locations, attention_weights, spatial_shapes)
     rows, fx, fy, valid = _bilinear_corners(spatial_shapes, sampling_locations, n, m, len_in)
     weights = _corner_weights(fx, fy, valid, attention_weights)
-    value_rows = value.permute(0, 2, 1, 3).reshape(n * m * len_in, d)  # one row per (batch, head, position)
+    value_rows = value.reshape(n * len_in * m, d)  # one row per (batch, position, head)
     k = n_levels * n_points * 4
     out = F.embedding_bag(
         rows.reshape(n * lq * m, k),

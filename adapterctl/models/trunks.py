@@ -140,7 +140,9 @@ class TimmViTTrunk:
         hw = (images.shape[-2] // 16, images.shape[-1] // 16)
         tokens = self.vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # B, HW, D
         tokens = self.vit.patch_embed.norm(tokens)
-        return self.vit.pos_drop(tokens + self._pos_embed(hw)), None, hw
+        # contiguous tokens: the transposed layout of the patch map would follow every residual add and make
+        # each LayerNorm and linear of the ViT copy its input first
+        return self.vit.pos_drop((tokens + self._pos_embed(hw)).contiguous()), None, hw
 
     def _pos_embed(self, hw: tuple[int, int]) -> Tensor:
         """The pretraining pos-embed grid (cls slot dropped) resized bicubically to the token grid."""

@@ -65,7 +65,7 @@ class TimmBeitTrunk:
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         hw = (images.shape[-2] // 16, images.shape[-1] // 16)
         if self.windows is not None:  # the detection copy: any size, no cls token
-            tokens = self.vit.patch_embed(images)
+            tokens = self.vit.patch_embed(images).contiguous()  # a transposed view otherwise (see TimmViTTrunk)
             return self.vit.pos_drop(tokens), tokens.new_zeros(tokens.shape[0], 0, tokens.shape[2]), hw
         if hw != self.window:
             h, w = self.window
