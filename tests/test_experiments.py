@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 
@@ -14,6 +15,15 @@ from .conftest import REPO
 
 runner = CliRunner()
 
+
+@functools.cache
+def _listed_rows() -> tuple[dict, ...]:
+    """``adapterctl experiments --json`` (composes every row: ~10 s on a slow CPU), run once for this module."""
+    result = runner.invoke(app, ["experiments", "--json"])
+    assert result.exit_code == 0, result.output
+    return tuple(json.loads(result.output))
+
+
 ROWS = {  # configs-and-results.md §3.1: lr, weight decay, layer decay, drop path, img size, SS / MS mIoU
     "ade20k_upernet_vit_adapter_t": (1.2e-4, 0.01, 0.95, 0.1, 224, 42.6, 43.6),
     "ade20k_upernet_vit_adapter_s": (6e-5, 0.01, 0.95, 0.2, 224, 46.2, 47.1),
@@ -25,9 +35,7 @@ ROWS = {  # configs-and-results.md §3.1: lr, weight decay, layer decay, drop pa
 
 
 def test_experiments_json_lists_every_paper_row_with_its_hyperparameters():
-    result = runner.invoke(app, ["experiments", "--json"])
-    assert result.exit_code == 0, result.output
-    rows = {r["name"]: r for r in json.loads(result.output)}
+    rows = {r["name"]: r for r in _listed_rows()}
     for name, (lr, wd, ld, dpr, img, ss, ms) in ROWS.items():
         r = rows[name]
         assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"], r["img_size"]) == (
@@ -89,7 +97,7 @@ COCO_ROWS = {  # configs-and-results.md §3.3: lr, weight decay, layer decay, dr
 def test_coco_rows_listed_with_released_hyperparameters():
     from adapterctl.config import compose
 
-    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    rows = {r["name"]: r for r in _listed_rows()}
     for name, (lr, wd, ld, dpr, box, mask) in COCO_ROWS.items():
         r = rows[name]
         assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (lr, wd, ld, dpr), name
@@ -124,7 +132,7 @@ def test_cascade_rows_carry_the_official_settings():
     from adapterctl.config import compose
     from adapterctl.models.build import build_model
 
-    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    rows = {r["name"]: r for r in _listed_rows()}
     for name, (dpr, box, mask, params) in CASCADE_ROWS.items():
         r = rows[name]
         assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (1e-4, 0.05, 1.0, dpr)
@@ -148,7 +156,7 @@ def test_htc_row_carries_the_official_settings():
     from adapterctl.config import compose
     from adapterctl.models.build import build_model
 
-    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    rows = {r["name"]: r for r in _listed_rows()}
     name = "coco_htc_vit_adapter_l_augreg_3x"
     r = rows[name]
     assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (1e-4, 0.05, 0.9, 0.4)
@@ -246,9 +254,7 @@ def test_mask2former_rows_carry_the_official_settings():
     from adapterctl.config import compose
     from adapterctl.models.build import build_model
 
-    result = runner.invoke(app, ["experiments", "--json"])
-    assert result.exit_code == 0, result.output
-    rows = {r["name"]: r for r in json.loads(result.output)}
+    rows = {r["name"]: r for r in _listed_rows()}
     for name, (data, img, queries, iters, batch, stride, ss, ms) in M2F_ROWS.items():
         r = rows[name]
         assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (2e-5, 0.05, 0.9, 0.3)
@@ -295,7 +301,7 @@ def test_the_other_beit_rows_carry_the_official_settings():
     from adapterctl.config import compose
     from adapterctl.models.build import build_model
 
-    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    rows = {r["name"]: r for r in _listed_rows()}
     for name, (data, head, img, iters, batch, stride, lr, ld, dpr, ss, ms) in MORE_BEIT_ROWS.items():
         r = rows[name]
         assert (r["lr"], r["weight_decay"], r["layer_decay_rate"], r["drop_path_rate"]) == (lr, 0.05, ld, dpr), name
@@ -322,7 +328,7 @@ def test_recipes_beyond_the_paper_name_their_source_and_claim_no_number():
     from adapterctl.config import compose
     from adapterctl.models.build import build_model
 
-    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["experiments", "--json"]).output)}
+    rows = {r["name"]: r for r in _listed_rows()}
     for name, vit, frozen in (
         ("ade20k_upernet_dinov2_adapter_l_512", "vit_large_patch14_dinov2", False),
         ("ade20k_mask2former_dinov2_adapter_l_896_frozen", "vit_large_patch14_dinov2", True),
