@@ -69,6 +69,10 @@ def test_gather_backward_is_its_own_and_exact_in_float64():
     (g,) = torch.autograd.grad(only_value.sum(), ins[0])
     (g_ref,) = torch.autograd.grad(ms_deform_attn_core(ins[0], shapes, loc.double(), w.double()).sum(), ins[0])
     torch.testing.assert_close(g, g_ref)
+    # second derivatives are refused, never silently wrong
+    (g2,) = torch.autograd.grad(ms_deform_attn_core_gather(*ins[:1], shapes, *ins[1:]).sum(), ins[1], create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|twice"):
+        g2.sum().backward()
 
 
 def test_module_impls_agree_and_auto_switches():

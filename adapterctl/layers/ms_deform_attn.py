@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 SpatialShapes = Sequence[tuple[int, int]]
 
@@ -142,6 +143,7 @@ class _GatherSample(torch.autograd.Function):
         return out.view(n, lq, m * d)
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable: say so, never return wrong
     def backward(ctx, grad_out):
         value_rows, rows, fx, fy, valid, attn, weights = ctx.saved_tensors
         n, len_in, m, d, lq, k = ctx.shapes
