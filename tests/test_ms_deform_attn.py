@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adapterctl.layers import ms_deform_attn as msda
 from adapterctl.layers.ms_deform_attn import (
     MSDeformAttn,
     ms_deform_attn_core,
@@ -109,7 +110,8 @@ def test_reset_parameters_fans_points_out_like_deformable_detr():
 
 
 def test_gather_backward_in_bfloat16_follows_float32():
-    """bf16 values (autocast's value_proj output) take the per-sample-weights path of the corner dots."""
+    """bf16 values (autocast's value_proj output): corner dots upcast to a float32 sampled matmul, value
+    gradient in bf16."""
     value, shapes, loc, w = _inputs(seed=3)
     low = [value.bfloat16().requires_grad_(), loc.clone().requires_grad_(), w.bfloat16().requires_grad_()]
     ms_deform_attn_core_gather(low[0], shapes, low[1], low[2]).float().square().sum().backward()
@@ -118,3 +120,48 @@ def test_gather_backward_in_bfloat16_follows_float32():
     for a, b in zip(low, ref, strict=True):
         assert a.grad.dtype == a.dtype
         assert (a.grad.float() - b.grad).abs().max() <= 2e-2 * b.grad.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 4), (1, 5, 2, 12), (3, 1)])
+def test_short_softmax_is_softmax_with_its_gradient(shape):
+    g = torch.Generator().manual_seed(4)
+    x = (3 * torch.randn(*shape, generator=g)).double().requires_grad_()
+    torch.testing.assert_close(msda.short_softmax(x), x.softmax(-1))
+    assert type(msda.short_softmax(x).grad_fn).__name__ == "_ShortSoftmaxBackward"
+    assert torch.autograd.gradcheck(msda.short_softmax, (x,))
+    # half types: float32 math, one rounding, as torch's own kernel
+    xb = x.detach().bfloat16()
+    got = msda.short_softmax(xb)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), xb.float().softmax(-1), atol=4e-3, rtol=0)
+    with torch.no_grad():  # the no-autograd path computes the same
+        torch.testing.assert_close(msda.short_softmax(x), x.softmax(-1))
+
+
+def test_short_softmax_saved_output_survives_two_backwards():
+    x = torch.randn(4, 6, requires_grad=True)
+    y = msda.short_softmax(x)
+    g = torch.randn(4, 6)
+    (a,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    (b,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(a, b)
+    (want,) = torch.autograd.grad(x.softmax(-1), x, g)
+    torch.testing.assert_close(a, want)
+
+
+def test_transposed_gather_sums_each_corner_into_its_value_row():
+    """The value gradient against a dense scatter-add of every corner sample, on several levels with samples
+    on the padding row/column and far outside the maps."""
+    value, shapes, loc, w = _inputs(n=2, lq=9, m=2, d=3, shapes=((5, 4), (3, 2), (1, 1)), points=3, seed=5)
+    loc = 2 * loc - 0.3  # in [-0.7, 2.1]: some corners on the padding, some samples wholly outside
+    n, len_in, m, d = value.shape
+    rows, fx, fy, valid, keys = msda._bilinear_corners(shapes, loc, n, m, len_in, with_keys=True)
+    weights = msda._corner_weights(fx, fy, valid, w)
+    grad = torch.randn(n * loc.shape[1] * m, d, dtype=torch.float64)
+    got = msda._transposed_gather(grad, weights.double(), keys, shapes, n, m)
+    k = rows.shape[-3] * rows.shape[-2] * 4
+    bag = torch.arange(grad.shape[0]).repeat_interleave(k)
+    want = torch.zeros(n * len_in * m, d, dtype=torch.float64)
+    want.index_add_(0, rows.reshape(-1).long(), grad[bag] * weights.reshape(-1, 1).double())
+    torch.testing.assert_close(got, want.view(n, len_in, m, d))
+    assert (loc < -0.5).any() and (loc > 1.5).any()

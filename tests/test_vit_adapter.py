@@ -143,6 +143,36 @@ def test_every_parameter_gets_a_gradient(tiny_kwargs, with_cp):
     assert zero == []
 
 
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_spatial_prior_layout_follows_the_cpu_and_changes_no_number(tiny_kwargs, monkeypatch, capability):
+    """Training runs the spatial prior module channels-last only where oneDNN's backward is faster (AVX512);
+    inference always. Outputs and gradients are those of the NCHW run either way."""
+    from adapterctl.models import vit_adapter as va
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu = torch.device("cpu")
+    assert va._channels_last_convs(cpu) is (capability == "AVX512")
+    with torch.no_grad():
+        assert va._channels_last_convs(cpu)
+    assert not va._channels_last_convs(torch.device("meta"))
+    runs = []
+    for layout in (capability, "AVX2"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda layout=layout: layout)
+        torch.manual_seed(0)
+        model = build_vit_adapter(**{**tiny_kwargs, "drop_path_rate": 0.0}, init_values=0.1).train()
+        outs = model(torch.randn(1, 3, 64, 64))
+        cl = outs[0].is_contiguous(memory_format=torch.channels_last) and not outs[0].is_contiguous()
+        assert cl is (layout == "AVX512")  # the outputs keep the spatial prior module's layout
+        # a fixed random projection: sum(o ** 2) and sum(o) are constant under a training-mode BatchNorm
+        probes = torch.randn(sum(o.numel() for o in outs), generator=torch.Generator().manual_seed(1))
+        (torch.cat([o.reshape(-1) for o in outs]) * probes).sum().backward()
+        runs.append(([o.detach() for o in outs], {n: p.grad for n, p in model.named_parameters()}))
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name, g in runs[0][1].items():
+        torch.testing.assert_close(g, runs[1][1][name], atol=3e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_kwargs):
     grads = []
     for with_cp in (False, True):

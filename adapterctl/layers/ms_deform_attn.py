@@ -54,14 +54,17 @@ def ms_deform_attn_core(
     return out.view(n, m, d, lq).permute(0, 3, 1, 2).reshape(n, lq, m * d)
 
 
-def _bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor, n: int, m: int, len_in: int):
+def _bilinear_corners(
+    spatial_shapes: SpatialShapes, sampling_locations: Tensor, n: int, m: int, len_in: int, with_keys: bool = False
+):
     """Per (batch, query, head, level, point): the 4 bilinear corners of its location in the flattened value.
 
     Returns ``rows`` (N, Lq, M, L, P, 4) int32 into the value's (N * Len_in * M, D) rows (``value.view``: row
     ``(b * Len_in + position) * M + head``, no copy), the fractions ``fx``,
     ``fy`` (N, Lq, M, L, P) and ``valid`` (N, Lq, M, L, P, 4): whether each corner lies inside its map (zero
     padding). Corners are ordered (y0, x0), (y0, x1), (y1, x0), (y1, x1); pixel coordinates follow
-    ``align_corners=False`` (``loc * size - 0.5``).
+    ``align_corners=False`` (``loc * size - 0.5``). ``with_keys`` also returns the top-left corner's row in
+    the padded layout of :func:`_padded_layout` (N, Lq, M, L, P) int32: what the backward sorts.
     """
     device, dtype = sampling_locations.device, sampling_locations.dtype
     n_levels = len(spatial_shapes)
@@ -91,7 +94,28 @@ def _bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor,
     corner_offsets = m * torch.stack([torch.zeros_like(widths), torch.ones_like(widths), widths, widths + 1], -1)
     rows = top_left[..., None] + corner_offsets.view(1, 1, 1, n_levels, 1, 4)
     rows = rows.clamp_(0, n * m * len_in - 1)  # out-of-map corners carry weight 0; any valid row will do
-    return rows, fx, fy, valid
+    if not with_keys:
+        return rows, fx, fy, valid
+    # the top-left corner on each level's (H + 1, W + 1) grid of corner positions -1..H-1, -1..W-1; one
+    # further out has 4 invalid corners (weight 0) and may sit anywhere
+    pad_starts, pad_len = _padded_layout(spatial_shapes)
+    pad_origin = (pad_len * torch.arange(n, device=device, dtype=i32).view(n, 1, 1, 1, 1)) + torch.tensor(
+        pad_starts, device=device, dtype=i32
+    ).view(1, 1, 1, n_levels, 1)
+    px = torch.minimum(x0.clamp(min=-1), widths - 1) + 1
+    py = torch.minimum(y0.clamp(min=-1), heights - 1) + 1
+    keys = (pad_origin + py * (widths + 1) + px) * m + torch.arange(m, device=device, dtype=i32).view(1, 1, m, 1, 1)
+    return rows, fx, fy, valid, keys
+
+
+def _padded_layout(spatial_shapes: SpatialShapes) -> tuple[list[int], int]:
+    """Start of each level in the concatenated (H + 1) x (W + 1) grids of top-left corner positions, and the
+    total length: the value layout grown by one row and one column per level (position -1)."""
+    starts, start = [], 0
+    for h, w in spatial_shapes:
+        starts.append(start)
+        start += (h + 1) * (w + 1)
+    return starts, start
 
 
 def _corner_weights(fx: Tensor, fy: Tensor, valid: Tensor, attention_weights: Tensor) -> Tensor:
@@ -104,10 +128,13 @@ def _corner_weights(fx: Tensor, fy: Tensor, valid: Tensor, attention_weights: Te
 def _corner_dots(grad: Tensor, value_rows: Tensor, rows: Tensor, n_bags: int, k: int) -> Tensor:
     """Per corner sample j of bag b = j // k: the dot of value row ``rows[j]`` with ``grad[b]`` (B * k,).
 
-    In float32/64 as a sampled matmul on the CSR pattern of the gather (``sampled_addmm``, 2.5x faster than
-    ``embedding_bag``'s per-sample-weights backward, which calls BLAS once per sample); other dtypes the latter.
+    On CPU as a sampled matmul on the CSR pattern of the gather (``sampled_addmm``, 2.5x faster than
+    ``embedding_bag``'s per-sample-weights backward, which calls BLAS once per sample, and 6x faster in bf16):
+    float32/64 as they are, half types upcast to float32 (the dots come back in float32). Elsewhere the latter.
     """
-    if grad.dtype in (torch.float32, torch.float64) and grad.device.type == "cpu":
+    if grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        if grad.dtype not in (torch.float32, torch.float64):  # sampled_addmm has no half kernels on CPU
+            grad, value_rows = grad.float(), value_rows.float()
         crow = torch.arange(0, n_bags * k + 1, k, dtype=rows.dtype, device=rows.device)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
@@ -121,23 +148,101 @@ def _corner_dots(grad: Tensor, value_rows: Tensor, rows: Tensor, n_bags: int, k:
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, value_rows, idx, offsets, offset2bag, 0)
 
 
+def _transposed_gather(grad: Tensor, weights: Tensor, keys: Tensor, spatial_shapes: SpatialShapes, n: int, m: int):
+    """The value gradient of the gather: every value row sums ``weight x grad[bag]`` over the corner samples
+    that read it. (N, Len_in, M, D).
+
+    Sorting all 4 corners of every sample would sort 4x more than needed: a sample's corners sit at fixed
+    offsets (0, 1, W + 1, W + 2) from its top-left corner on the padded grid of :func:`_padded_layout`. So the
+    samples are sorted once by top-left key, each corner's sums are one ``embedding_bag`` over the output
+    gradients (one bag per padded position), and each level's gradient is the 4 corner grids added with their
+    shifts (the padding row and column drop out).
+    """
+    n_bags, d = grad.shape
+    flat = keys.view(-1)
+    n_samples = flat.numel()
+    per_bag = n_samples // n_bags
+    pad_starts, pad_len = _padded_layout(spatial_shapes)
+    n_keys = n * pad_len * m
+    order = torch.sort(flat).indices
+    counts = torch.bincount(flat, minlength=n_keys)
+    offsets = torch.zeros(n_keys, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    bags = torch.div(order, per_bag, rounding_mode="floor")
+    # one embedding_bag for the 4 corners: corner c's bags follow corner c - 1's
+    corner_weights = weights.view(n_samples, 4)[order].t().reshape(-1)
+    corner_offsets = (offsets + n_samples * torch.arange(4, device=flat.device).view(4, 1)).view(-1)
+    grids = F.embedding_bag(bags.repeat(4), grad, corner_offsets, mode="sum", per_sample_weights=corner_weights)
+    grids = grids.view(4, n, pad_len, m, d)
+    grad_value = grad.new_empty(n, sum(h * w for h, w in spatial_shapes), m, d)
+    start = 0
+    for (h, w), pad_start in zip(spatial_shapes, pad_starts, strict=True):
+        g00, g01, g10, g11 = grids[:, :, pad_start : pad_start + (h + 1) * (w + 1)].view(4, n, h + 1, w + 1, m, d)
+        level = grad_value[:, start : start + h * w].view(n, h, w, m, d)
+        start += h * w
+        # position (y, x) is corner (dy, dx) of the sample whose top-left is (y - dy, x - dx): padded + 1
+        torch.add(g00[:, 1:, 1:], g01[:, 1:, :-1], out=level)
+        level += g10[:, :-1, 1:]
+        level += g11[:, :-1, :-1]
+    return grad_value
+
+
+def _softmax_rows(x: Tensor) -> Tensor:
+    """Softmax over the last dim, computed in float32 (float64 as it is) and returned in ``x``'s dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    y = (xf - xf.amax(-1, keepdim=True)).exp_()
+    return y.div_(y.sum(-1, keepdim=True)).to(x.dtype)
+
+
+class _ShortSoftmax(torch.autograd.Function):
+    """:func:`_softmax_rows` with the softmax gradient ``y * (g - sum(g * y))``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = _softmax_rows(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        yf, gf = y.to(dtype), grad.to(dtype)
+        return (yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(grad.dtype)
+
+
+def short_softmax(x: Tensor) -> Tensor:
+    """``x.softmax(-1)`` for a short last dim (the L x P attention weights of each head): torch's CPU kernel
+    vectorises along that dim and takes 5x longer on 4-12 entries than these few whole-tensor ops. Same
+    values (float32 math, as torch's kernel for half types); exported graphs get ``softmax`` itself."""
+    if _exporting() or x.device.type != "cpu":
+        return x.softmax(-1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ShortSoftmax.apply(x)
+    return _softmax_rows(x)
+
+
 class _GatherSample(torch.autograd.Function):
     """The gather form with its own backward: the fused ``embedding_bag`` forward, and a backward that needs no
-    scatter-add. The value gradient is the transposed gather: the corner rows sorted once, then one
-    ``embedding_bag`` per value row over the output gradients (torch's own ``embedding_bag`` backward
-    accumulates row by row, 5x slower). The corner-weight gradients are the per-sample dot products, chained
-    through the bilinear weights by hand (``floor`` has zero gradient, as in ``grid_sample``)."""
+    scatter-add. The value gradient is the transposed gather (:func:`_transposed_gather`: samples sorted once,
+    then ``embedding_bag`` over the output gradients; torch's own ``embedding_bag`` backward accumulates row by
+    row, 5x slower). The corner-weight gradients are the per-sample dot products, chained through the bilinear
+    weights by hand (``floor`` has zero gradient, as in ``grid_sample``)."""
 
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights, spatial_shapes):
         n, len_in, m, d = value.shape
         _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-        rows, fx, fy, valid = _bilinear_corners(spatial_shapes, sampling_locations, n, m, len_in)
+        need_keys = ctx.needs_input_grad[0]  # only the value gradient sorts
+        corners = _bilinear_corners(spatial_shapes, sampling_locations, n, m, len_in, with_keys=need_keys)
+        rows, fx, fy, valid = corners[:4]
+        keys = corners[4] if need_keys else None
         weights = _corner_weights(fx, fy, valid, attention_weights).to(value.dtype)
         value_rows = value.reshape(n * len_in * m, d)
         k = n_levels * n_points * 4
         out = F.embedding_bag(rows.view(n * lq * m, k), value_rows, mode="sum", per_sample_weights=weights.view(-1, k))
-        ctx.save_for_backward(value_rows, rows, fx, fy, valid, attention_weights, weights)
+        ctx.save_for_backward(value_rows, rows, fx, fy, valid, attention_weights, weights, keys)
         ctx.shapes = (n, len_in, m, d, lq, k)
         ctx.spatial_shapes = spatial_shapes
         return out.view(n, lq, m * d)
@@ -145,26 +250,14 @@ class _GatherSample(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so, never return wrong
     def backward(ctx, grad_out):
-        value_rows, rows, fx, fy, valid, attn, weights = ctx.saved_tensors
+        value_rows, rows, fx, fy, valid, attn, weights, keys = ctx.saved_tensors
         n, len_in, m, d, lq, k = ctx.shapes
-        n_rows, n_bags = n * m * len_in, n * lq * m
+        n_bags = n * lq * m
         grad = grad_out.reshape(n_bags, d).to(value_rows.dtype).contiguous()
         flat = rows.view(-1)
         grad_value = grad_loc = grad_attn = None
         if ctx.needs_input_grad[0]:
-            # every value row sums its corner samples: samples grouped by row (sorted), one bag per row
-            order = torch.sort(flat).indices
-            counts = torch.bincount(flat, minlength=n_rows)
-            offsets = torch.zeros(n_rows, dtype=torch.int64, device=flat.device)
-            torch.cumsum(counts[:-1], 0, out=offsets[1:])
-            grad_rows = F.embedding_bag(
-                torch.div(order, k, rounding_mode="floor"),
-                grad,
-                offsets,
-                mode="sum",
-                per_sample_weights=weights.view(-1)[order],
-            )
-            grad_value = grad_rows.view(n, len_in, m, d)
+            grad_value = _transposed_gather(grad, weights, keys, ctx.spatial_shapes, n, m)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w = _corner_dots(grad, value_rows, flat, n_bags, k)
             u = grad_w.view(valid.shape).to(fx.dtype).mul_(valid)
@@ -366,7 +459,7 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(input_flatten).view(n, len_in, self.n_heads, -1)
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
+        weights = short_softmax(weights).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         # (W_l, H_l) per level, the normaliser of the offsets
         normalizer = query.new_tensor([[w, h] for h, w in spatial_shapes])
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]

@@ -71,6 +71,20 @@ def reference_points(shapes: Shapes, device: torch.device) -> Tensor:
     return torch.cat(refs, 0)[None, :, None]
 
 
+def _channels_last_convs(device: torch.device) -> bool:
+    """Whether the spatial prior module runs its convolutions channels-last (its maps flatten to tokens
+    without a copy either way; the outputs are the same numbers).
+
+    Inference: always (oneDNN's forward is ~1.4x faster). Training: on CPUs whose torch kernels are AVX512
+    only: there oneDNN's channels-last backward is 1.3x (fp32) to 2x (bf16) faster than NCHW's, while on
+    AVX2-only CPUs it is up to 1.6x slower (``adapterctl bench`` shows the spatial prior module's share). CUDA
+    trains NCHW as before.
+    """
+    if not torch.is_grad_enabled():
+        return True
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class SpatialPriorModule(nn.Module):
     """Convolutional stem giving stride 4/8/16/32 maps, projected to the ViT width (paper §3.2)."""
 
@@ -106,9 +120,7 @@ class SpatialPriorModule(nn.Module):
         self.fc4 = nn.Conv2d(4 * inplanes, embed_dim, 1)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if not torch.is_grad_enabled():
-            # channels-last inference: oneDNN convs run ~1.4x faster on CPU and the maps flatten to tokens
-            # without a copy (its backward is ~2x slower, so training stays NCHW)
+        if _channels_last_convs(x.device):
             x = x.contiguous(memory_format=torch.channels_last)
         c1 = self.stem(x)
         c2 = self.conv2(c1)
@@ -484,8 +496,10 @@ class ViTAdapter(nn.Module):
             tokens, c, prefix = layer(tokens, c, prefix, run_vit, deform_inputs, c_shapes)
             outs.append(tokens)
 
-        # token sets back to maps, all in c1's memory layout (channels-last in inference, contiguous in
-        # training: sums of mixed layouts run 5x slower, and the BatchNorms' backward wants one layout)
+        # token sets back to maps, all in c1's memory layout (the spatial prior module's: channels-last in
+        # inference and in CPU training with AVX512, else contiguous): sums of mixed layouts run 5x slower and
+        # the BatchNorms' backward wants one layout. The four outputs keep it (a 12 MiB transposed copy of the
+        # stride-4 map otherwise); heads read either.
         channels_last = not c1.is_contiguous() and c1.is_contiguous(memory_format=torch.channels_last)
         layout = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -511,7 +525,7 @@ class ViTAdapter(nn.Module):
             c4 = c4 + _resize_to(x4, c4.shape[-2:])
 
         return [
-            norm(f.contiguous())
+            norm(f.contiguous(memory_format=layout))
             for norm, f in zip((self.norm1, self.norm2, self.norm3, self.norm4), (c1, c2, c3, c4), strict=True)
         ]
 
