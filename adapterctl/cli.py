@@ -161,7 +161,8 @@ def bench(
         record = {
             "benchmark": kind, "size": size, "input": input_size, "runs": runs, "dtype": dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpu_fast_bf16": cpu_has_fast_bf16(), "results": results,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
+            "results": results,
         }  # fmt: skip
         write_text(json_out, json.dumps(record, indent=2, default=float) + "\n")
         typer.echo(f"wrote {json_out}")

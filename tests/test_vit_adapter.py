@@ -293,6 +293,7 @@ def test_bench_prints_both_models_and_ratio_and_writes_json(tmp_path):
     record = json.loads(out.read_text())
     r = record["results"]
     assert record["benchmark"] == "backbone" and record["input"] == 64 and isinstance(record["cpu_fast_bf16"], bool)
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert r["forward_ratio"] == pytest.approx(r["adapter_forward_s"] / r["plain_forward_s"])
     assert r["adapter_activations_mib"] > r["plain_activations_mib"] > 0
     assert all(
