@@ -150,18 +150,54 @@ def test_short_softmax_saved_output_survives_two_backwards():
 
 
 def test_transposed_gather_sums_each_corner_into_its_value_row():
-    """The value gradient against a dense scatter-add of every corner sample, on several levels with samples
-    on the padding row/column and far outside the maps."""
+    """The value gradient against a dense scatter-add of every corner sample into the padded maps, cropped, on
+    several levels with samples on the padding and far outside the maps."""
     value, shapes, loc, w = _inputs(n=2, lq=9, m=2, d=3, shapes=((5, 4), (3, 2), (1, 1)), points=3, seed=5)
     loc = 2 * loc - 0.3  # in [-0.7, 2.1]: some corners on the padding, some samples wholly outside
     n, len_in, m, d = value.shape
-    rows, fx, fy, valid, keys = msda._bilinear_corners(shapes, loc, n, m, len_in, with_keys=True)
-    weights = msda._corner_weights(fx, fy, valid, w)
+    keys, corner_offsets, fx, fy, _, _ = msda._bilinear_corners(shapes, loc, n, m)
+    rows = msda._corner_rows(keys, corner_offsets)
+    weights = msda._corner_weights(fx, fy, w).double()
     grad = torch.randn(n * loc.shape[1] * m, d, dtype=torch.float64)
-    got = msda._transposed_gather(grad, weights.double(), keys, shapes, n, m)
+    got = msda._transposed_gather(grad, weights, keys, shapes, n, m)
     k = rows.shape[-3] * rows.shape[-2] * 4
     bag = torch.arange(grad.shape[0]).repeat_interleave(k)
-    want = torch.zeros(n * len_in * m, d, dtype=torch.float64)
-    want.index_add_(0, rows.reshape(-1).long(), grad[bag] * weights.reshape(-1, 1).double())
-    torch.testing.assert_close(got, want.view(n, len_in, m, d))
+    pad_starts, pad_len = msda._padded_layout(shapes)
+    dense = torch.zeros(n * pad_len * m, d, dtype=torch.float64)
+    dense.index_add_(0, rows.reshape(-1).long(), grad[bag] * weights.reshape(-1, 1)).view(n, pad_len, m, d)
+    dense = dense.view(n, pad_len, m, d)
+    want = []
+    for (h, wd), start in zip(shapes, pad_starts, strict=True):
+        grid = dense[:, start : start + (h + 3) * (wd + 3)].view(n, h + 3, wd + 3, m, d)
+        want.append(grid[:, 1 : h + 1, 1 : wd + 1].reshape(n, h * wd, m, d))
+    torch.testing.assert_close(got, torch.cat(want, 1))
     assert (loc < -0.5).any() and (loc > 1.5).any()
+
+
+def test_padded_value_reads_zeros_around_each_map():
+    value, shapes, _, _ = _inputs(n=2, m=3, d=4, shapes=((3, 2), (1, 4)))
+    rows = msda._pad_value(value, shapes)
+    pad_starts, pad_len = msda._padded_layout(shapes)
+    grids = rows.view(2, pad_len, 3, 4)
+    start = 0
+    for (h, w), pad_start in zip(shapes, pad_starts, strict=True):
+        grid = grids[:, pad_start : pad_start + (h + 3) * (w + 3)].view(2, h + 3, w + 3, 3, 4)
+        torch.testing.assert_close(
+            grid[:, 1 : h + 1, 1 : w + 1].reshape(2, h * w, 3, 4), value[:, start : start + h * w]
+        )
+        border = grid.clone()
+        border[:, 1 : h + 1, 1 : w + 1] = 0
+        assert (border == 0).all()  # the rest is zeros
+        start += h * w
+
+
+def test_gather_handles_nan_and_far_locations_without_indexing_out_of_the_buffer():
+    value, shapes, loc, w = _inputs(seed=6)
+    loc = loc.clone()
+    loc[0, 0, 0, 0, 0] = float("nan")
+    loc[0, 1, 0, 0, 0] = torch.tensor([-1e6, 1e6])
+    out = ms_deform_attn_core_gather(value, shapes, loc, w)
+    ref = ms_deform_attn_core(value, shapes, loc, w)
+    finite = torch.isfinite(ref).all(-1)
+    torch.testing.assert_close(out[finite], ref[finite], atol=1e-5, rtol=1e-5)
+    assert out[0, 1].isfinite().all()
