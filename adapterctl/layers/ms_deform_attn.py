@@ -183,7 +183,7 @@ def _transposed_gather(grad: Tensor, weights: Tensor, keys: Tensor, spatial_shap
     torch.cumsum(counts[:-1], 0, out=offsets[1:])
     bags = torch.div(order, per_bag, rounding_mode="floor")
     # one embedding_bag for the 4 corners: corner c's bags follow corner c - 1's
-    corner_weights = weights.view(n_samples, 4)[order].t().reshape(-1)
+    corner_weights = weights.view(n_samples, 4).t().index_select(1, order).view(-1)  # (4, samples) rows
     corner_offsets = (offsets + n_samples * torch.arange(4, device=flat.device).view(4, 1)).view(-1)
     grids = F.embedding_bag(bags.repeat(4), grad, corner_offsets, mode="sum", per_sample_weights=corner_weights)
     grids = grids.view(4, n, pad_len, m, d)
@@ -277,13 +277,14 @@ class _GatherSample(torch.autograd.Function):
             grad_w = _corner_dots(grad, value_rows, rows.view(-1), n_bags, k)
             u0, u1, u2, u3 = grad_w.view(rows.shape).to(fx.dtype).unbind(-1)
             gx, gy = 1 - fx, 1 - fy
-            if ctx.needs_input_grad[2]:
-                grad_attn = u0 * gx * gy + u1 * fx * gy + u2 * gx * fy + u3 * fx * fy
+            if ctx.needs_input_grad[2]:  # sum over corners of dot x bilinear weight, factored by rows
+                top = torch.addcmul(u0 * gx, u1, fx)
+                grad_attn = torch.addcmul(top.mul_(gy), torch.addcmul(u2 * gx, u3, fx), fy)
             if ctx.needs_input_grad[1]:
                 sizes = torch.tensor(ctx.spatial_shapes, dtype=fx.dtype, device=fx.device)  # (L, 2): H, W
-                grad_x = (gy * (u1 - u0) + fy * (u3 - u2)) * attn * sizes[:, None, 1]
-                grad_y = (gx * (u2 - u0) + fx * (u3 - u1)) * attn * sizes[:, None, 0]
-                grad_loc = torch.stack([grad_x * inside_x, grad_y * inside_y], -1)
+                grad_x = torch.addcmul((u1 - u0).mul_(gy), u3 - u2, fy).mul_(attn).mul_(sizes[:, None, 1])
+                grad_y = torch.addcmul((u2 - u0).mul_(gx), u3 - u1, fx).mul_(attn).mul_(sizes[:, None, 0])
+                grad_loc = torch.stack([grad_x.mul_(inside_x), grad_y.mul_(inside_y)], -1)
         return grad_value, grad_loc, grad_attn, None
 
 
