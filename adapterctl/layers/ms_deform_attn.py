@@ -481,7 +481,10 @@ class MSDeformAttn(nn.Module):
         weights = short_softmax(weights).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         # (W_l, H_l) per level, the normaliser of the offsets
         normalizer = query.new_tensor([[w, h] for h, w in spatial_shapes])
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        # ref + offsets / normalizer in one op (the same division and sum)
+        locations = torch.addcdiv(
+            reference_points[:, :, None, :, None, :], offsets, normalizer[None, None, None, :, None, :]
+        )
         impl = self.impl
         if impl == "auto":
             impl = auto_impl(value.device.type, torch.is_grad_enabled())
