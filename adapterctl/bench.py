@@ -263,6 +263,52 @@ def run_bench(
     return results
 
 
+def run_bench_dtypes(size: str = "t", dtypes: tuple[str, ...] = ("float32", "bfloat16"), **kwargs) -> dict:
+    """:func:`run_bench` once per dtype, then the ratios side by side: adapter / plain ViT per dtype and mode,
+    against the issue's goal (the FLOP ratio at 90% of the ViT's throughput), and what bf16 gains over fp32."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from adapterctl.engine.precision import cpu_has_fast_bf16
+
+    console = Console(width=max(Console().width, 120))
+    if "bfloat16" in dtypes and not cpu_has_fast_bf16():
+        console.print("note: this CPU has no fast bf16 (AVX512-BF16 / AMX): bf16 runs emulated, ~100x slower")
+    results = {dtype: run_bench(size=size, dtype=dtype, **kwargs) for dtype in dtypes}
+    first = results[dtypes[0]]
+    goal = first["adapter_gflops"] / first["plain_gflops"] / 0.9
+    table = Table(title=f"ViT-Adapter-{size.upper()} / plain ViT by dtype (goal: FLOP ratio / 0.9 = {goal:.2f}x)")
+    for col in ("dtype", "forward ratio", "fwd+bwd ratio", "adapter fwd / fwd+bwd s", "plain fwd / fwd+bwd s"):
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for dtype, r in results.items():
+        table.add_row(
+            dtype,
+            f"{r['forward_ratio']:.2f}x",
+            f"{r['forward_backward_ratio']:.2f}x",
+            f"{r['adapter_forward_s']:.3f} / {r['adapter_forward_backward_s']:.3f}",
+            f"{r['plain_forward_s']:.3f} / {r['plain_forward_backward_s']:.3f}",
+        )
+    console.print(table)
+    if "float32" in results and "bfloat16" in results:
+        fp, bf = results["float32"], results["bfloat16"]
+        gains = {
+            who: (
+                fp[f"{who}_forward_s"] / bf[f"{who}_forward_s"],
+                fp[f"{who}_forward_backward_s"] / bf[f"{who}_forward_backward_s"],
+            )
+            for who in ("adapter", "plain")
+        }
+        console.print(
+            f"bf16 over fp32: ViT-Adapter {gains['adapter'][0]:.2f}x forward, {gains['adapter'][1]:.2f}x fwd+bwd; "
+            f"plain ViT {gains['plain'][0]:.2f}x / {gains['plain'][1]:.2f}x"
+        )
+        results["bf16_speedup"] = {
+            f"{who}_{mode}": g[i] for who, g in gains.items() for i, mode in enumerate(("forward", "forward_backward"))
+        }
+    results["goal_ratio"] = goal
+    return results
+
+
 def run_bench_checkpoint(
     ckpt: str,
     input_size: int = 512,

@@ -109,7 +109,9 @@ def bench(
     runs: Annotated[int, typer.Option(help="Timed runs (the median is reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 2,
     threads: Annotated[int, typer.Option(help="torch threads (0: leave as is).")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (autocast).")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="float32 or bfloat16 (autocast); backbone benchmark: also both (one run each).")
+    ] = "float32",
     ckpt: Annotated[
         Path | None, typer.Option(help="Time this checkpoint's whole model instead (inference; segmentation: a step).")
     ] = None,
@@ -169,8 +171,12 @@ def bench(
 
     if input_size % 32:
         raise _fail(f"--input must be a multiple of 32, got {input_size}")
-    if dtype not in ("float32", "bfloat16"):
-        raise _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in ("float32", "bfloat16", "both"):
+        raise _fail(f"--dtype must be float32, bfloat16 or both, got {dtype!r}")
+    if dtype == "both" and (train_step is not None or ckpt is not None or freeze is not None or m2f_step is not None):
+        raise _fail(
+            "--dtype both is for the backbone benchmark; give --train-step/--ckpt/--freeze/--m2f-step one dtype"
+        )
     if train_step is not None:
         from adapterctl.bench import run_bench_train_step
 
@@ -197,6 +203,14 @@ def bench(
 
         done("mask2former_step", _run_guarded(
             lambda: run_bench_mask2former_step(m2f_step, None, runs, warmup, threads, dtype)))  # fmt: skip
+        return
+    if dtype == "both":
+        from adapterctl.bench import run_bench_dtypes
+
+        done("backbone", _run_guarded(
+            lambda: run_bench_dtypes(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads,
+                                     components=components)
+        ))  # fmt: skip
         return
     done("backbone", _run_guarded(
         lambda: run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype,

@@ -301,6 +301,33 @@ def test_bench_prints_both_models_and_ratio_and_writes_json(tmp_path):
     )
 
 
+def test_bench_both_dtypes_prints_the_ratios_side_by_side(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from adapterctl.cli import app
+
+    out = tmp_path / "both.json"
+    args = ["bench", "--size", "t", "--input", "64", "--runs", "1", "--warmup", "0", "--no-components"]
+    result = CliRunner().invoke(app, [*args, "--dtype", "both", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "by dtype" in result.output and "bf16 over fp32" in result.output
+    record = json.loads(out.read_text())
+    r = record["results"]
+    assert record["dtype"] == "both"
+    for dtype in ("float32", "bfloat16"):
+        assert r[dtype]["forward_backward_ratio"] == pytest.approx(
+            r[dtype]["adapter_forward_backward_s"] / r[dtype]["plain_forward_backward_s"]
+        )
+    assert r["goal_ratio"] == pytest.approx(r["float32"]["adapter_gflops"] / r["float32"]["plain_gflops"] / 0.9)
+    fp, bf = r["float32"], r["bfloat16"]
+    assert r["bf16_speedup"]["adapter_forward"] == pytest.approx(fp["adapter_forward_s"] / bf["adapter_forward_s"])
+    bad = CliRunner().invoke(app, [*args, "--dtype", "both", "--ckpt", str(out)])
+    assert bad.exit_code == 2 and "--dtype both is for the backbone benchmark" in bad.output
+    assert "Traceback" not in bad.output
+
+
 def test_bench_components_replay_each_call_on_its_recorded_inputs():
     """The breakdown times what the adapter really runs: 1 spatial prior module, 4 injectors, 4 block groups,
     4 + 2 extractors for ViT-Adapter-T, each replayed on copies of its inputs giving its outputs again."""
