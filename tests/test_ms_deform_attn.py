@@ -201,3 +201,20 @@ def test_gather_handles_nan_and_far_locations_without_indexing_out_of_the_buffer
     finite = torch.isfinite(ref).all(-1)
     torch.testing.assert_close(out[finite], ref[finite], atol=1e-5, rtol=1e-5)
     assert out[0, 1].isfinite().all()
+
+
+def test_plain_gather_ops_have_the_hand_written_gradients(monkeypatch):
+    """While exporting/compiling the gather runs as plain differentiable ops: autograd through them (the clamp
+    included) gives what _GatherSample's backward gives, with locations in and far outside the maps."""
+    value, shapes, loc, w = _inputs(n=1, lq=6, m=2, d=3, shapes=((4, 3), (2, 2)), points=2, seed=7)
+    loc = 2 * loc - 0.4
+    grads = []
+    for exporting in (False, True):
+        monkeypatch.setattr(msda, "_exporting", lambda exporting=exporting: exporting)
+        ins = [t.double().requires_grad_(True) for t in (value, loc, w)]
+        out = ms_deform_attn_core_gather(ins[0], shapes, ins[1], ins[2])
+        assert (type(out.grad_fn).__name__ == "_GatherSampleBackward") is not exporting
+        out.square().sum().backward()
+        grads.append([t.grad for t in ins])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -130,6 +130,8 @@ def _corner_weights(fx: Tensor, fy: Tensor, attention_weights: Tensor) -> Tensor
     """Bilinear x attention weight of each corner, (N, Lq, M, L, P, 4) (corners outside a map read zeros)."""
     top, bottom = (1 - fy) * attention_weights, fy * attention_weights
     gx = 1 - fx
+    if torch.is_grad_enabled() and (top.requires_grad or fx.requires_grad):  # autograd through plain ops
+        return torch.stack([top * gx, top * fx, bottom * gx, bottom * fx], -1)
     out = fx.new_empty(*fx.shape, 4)  # written corner by corner: broadcast products over a dim of 2 run 5x slower
     torch.mul(top, gx, out=out[..., 0])
     torch.mul(top, fx, out=out[..., 1])
@@ -250,17 +252,14 @@ class _GatherSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights, spatial_shapes):
         n, len_in, m, d = value.shape
-        _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-        keys, corner_offsets, fx, fy, inside_x, inside_y = _bilinear_corners(spatial_shapes, sampling_locations, n, m)
-        rows = _corner_rows(keys, corner_offsets)
-        weights = _corner_weights(fx, fy, attention_weights).to(value.dtype)
-        value_rows = _pad_value(value, spatial_shapes)
-        k = n_levels * n_points * 4
-        out = F.embedding_bag(rows.view(n * lq * m, k), value_rows, mode="sum", per_sample_weights=weights.view(-1, k))
+        lq, k = sampling_locations.shape[1], _rows_per_bag(sampling_locations)
+        out, (value_rows, keys, rows, fx, fy, inside_x, inside_y, weights) = _gather(
+            value, spatial_shapes, sampling_locations, attention_weights
+        )
         ctx.save_for_backward(value_rows, keys, rows, fx, fy, inside_x, inside_y, attention_weights, weights)
         ctx.shapes = (n, len_in, m, d, lq, k)
         ctx.spatial_shapes = spatial_shapes
-        return out.view(n, lq, m * d)
+        return out
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so, never return wrong
@@ -303,27 +302,35 @@ def ms_deform_attn_core_gather(
     gradients. Under autograd it runs as :class:`_GatherSample` (its own backward), while tracing or exporting
     as plain differentiable ops.
     """
-    n, len_in, m, d = value.shape
-    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     needs_grad = torch.is_grad_enabled() and (
         value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
     )
     if needs_grad and not _exporting():
         return _GatherSample.apply(value, sampling_locations, attention_weights, spatial_shapes)
+    # plain ops (autograd through them while exporting: the clamp already has zero gradient outside the maps)
+    return _gather(value, spatial_shapes, sampling_locations, attention_weights)[0]
+
+
+def _rows_per_bag(sampling_locations: Tensor) -> int:
+    """Corner samples each (batch, query, head) sums: levels x points x 4."""
+    return sampling_locations.shape[3] * sampling_locations.shape[4] * 4
+
+
+def _gather(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor):
+    """The gather forward: (N, Lq, M * D) and what its backward needs (padded value rows, top-left keys, corner
+    rows, fractions, clamp masks, corner weights)."""
+    n, _, m, d = value.shape
+    lq = sampling_locations.shape[1]
     keys, corner_offsets, fx, fy, inside_x, inside_y = _bilinear_corners(spatial_shapes, sampling_locations, n, m)
-    if needs_grad:  # exporting with gradients: the clamp's zero gradient outside, as the hand-written backward
-        fx = torch.where(inside_x, fx, fx.detach())
-        fy = torch.where(inside_y, fy, fy.detach())
-    weights = _corner_weights(fx, fy, attention_weights)
+    rows = _corner_rows(keys, corner_offsets)
+    weights = _corner_weights(fx, fy, attention_weights).to(value.dtype)
     value_rows = _pad_value(value, spatial_shapes)  # one row per (batch, padded position, head)
-    k = n_levels * n_points * 4
+    k = _rows_per_bag(sampling_locations)
     out = F.embedding_bag(
-        _corner_rows(keys, corner_offsets).reshape(n * lq * m, k),
-        value_rows,
-        mode="sum",
-        per_sample_weights=weights.reshape(n * lq * m, k).to(value_rows.dtype),
+        rows.view(n * lq * m, k), value_rows, mode="sum", per_sample_weights=weights.view(n * lq * m, k)
     )
-    return out.view(n, lq, m * d)  # rows were (N, Lq, M): already in output order
+    # rows were (N, Lq, M): already in output order
+    return out.view(n, lq, m * d), (value_rows, keys, rows, fx, fy, inside_x, inside_y, weights)
 
 
 def ms_deform_attn_core_reference(

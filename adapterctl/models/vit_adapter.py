@@ -75,8 +75,8 @@ def _channels_last_convs(device: torch.device) -> bool:
     """Whether the spatial prior module runs its convolutions channels-last (its maps flatten to tokens
     without a copy either way; the outputs are the same numbers).
 
-    Inference: always (oneDNN's forward is ~1.4x faster). Training: on CPUs whose torch kernels are AVX512
-    only: there oneDNN's channels-last backward is 1.3x (fp32) to 2x (bf16) faster than NCHW's, while on
+    Inference: always (oneDNN's forward is ~1.4x faster). Training: only on CPUs whose torch kernels are
+    AVX512: there oneDNN's channels-last backward is 1.3x (fp32) to 2x (bf16) faster than NCHW's, while on
     AVX2-only CPUs it is up to 1.6x slower (``adapterctl bench`` shows the spatial prior module's share). CUDA
     trains NCHW as before.
     """
