@@ -31,7 +31,7 @@ COCO_ROWS := $(foreach s,t s b l,$(foreach k,1x 3x,coco_maskrcnn_vit_adapter_$(s
 PAPER_ROWS := $(ADE20K_ROWS) $(M2F_ROWS) $(COCO_ROWS)
 ALL_ROWS := $(PAPER_ROWS) $(RECIPES)
 
-.PHONY: help install test test-all lint bench bench-m2f demo demo-m2f demo-det demo-cascade demo-htc experiments faults $(ALL_ROWS)
+.PHONY: help install test test-all lint bench bench-m2f bench-models demo demo-m2f demo-det demo-cascade demo-htc experiments faults $(ALL_ROWS)
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -87,6 +87,9 @@ $(ALL_ROWS): install ## Paper rows (real ADE20K / COCO-Stuff / Cityscapes / Pasc
 
 bench: install ## ViT-Adapter-T vs plain ViT-T at 512x512 (forward, forward+backward, ratio, GFLOP/s)
 	$(VENV)/bin/adapterctl bench --size t --input 512
+
+bench-models: install ## Whole paper-row models (UperNet-T ADE20K 512, Mask R-CNN-T COCO 1333x800): inference and training step, GFLOPs, images/s, peak memory
+	$(VENV)/bin/adapterctl bench --model ade20k_upernet_vit_adapter_t --model coco_maskrcnn_vit_adapter_t_3x --runs 3 --warmup 1
 
 bench-m2f: install ## A Mask2Former training step (the demo model) split into backbone / pixel decoder / decoder / matching / loss / backward
 	$(VENV)/bin/adapterctl bench --m2f-step synthetic_mask2former_vit_adapter_t_demo

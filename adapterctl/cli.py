@@ -105,7 +105,13 @@ def convert(
 def bench(
     overrides: Overrides = None,
     size: Annotated[str, typer.Option(help="Backbone size: t, s, b or l.")] = "t",
-    input_size: Annotated[int, typer.Option("--input", help="Square input side (multiple of 32).")] = 512,
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            "--input",
+            help="Square input side (multiple of 32). Default 512; --model: the experiment's own input size.",
+        ),
+    ] = None,
     runs: Annotated[int, typer.Option(help="Timed runs (the median is reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 2,
     threads: Annotated[int, typer.Option(help="torch threads (0: leave as is).")] = 0,
@@ -137,6 +143,18 @@ def bench(
     components: Annotated[
         bool, typer.Option(help="Backbone benchmark: also time each adapter component on its recorded inputs.")
     ] = True,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Time this experiment's whole model (backbone + head, initial weights, synthetic inputs at the "
+            "experiment's input size): inference and a training step, GFLOPs, images/s, peak memory. Repeatable; "
+            "key=value overrides apply to each.",
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="--model: the training step's batch (default: trainer.batch_size).")
+    ] = None,
     train_step: Annotated[
         str | None,
         typer.Option(
@@ -161,7 +179,8 @@ def bench(
         from adapterctl.files import write_text
 
         record = {
-            "benchmark": kind, "size": size, "input": input_size, "runs": runs, "dtype": dtype,
+            "benchmark": kind, "size": size, "input": input_size or (None if model else 512), "runs": runs,
+            "dtype": dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
             "results": results,
@@ -169,14 +188,26 @@ def bench(
         write_text(json_out, json.dumps(record, indent=2, default=float) + "\n")
         typer.echo(f"wrote {json_out}")
 
-    if input_size % 32:
+    if input_size is not None and input_size % 32:
         raise _fail(f"--input must be a multiple of 32, got {input_size}")
     if dtype not in ("float32", "bfloat16", "both"):
         raise _fail(f"--dtype must be float32, bfloat16 or both, got {dtype!r}")
-    if dtype == "both" and (train_step is not None or ckpt is not None or freeze is not None or m2f_step is not None):
+    others = (train_step, ckpt, freeze, m2f_step, model)
+    if dtype == "both" and any(o is not None for o in others):
         raise _fail(
-            "--dtype both is for the backbone benchmark; give --train-step/--ckpt/--freeze/--m2f-step one dtype"
+            "--dtype both is for the backbone benchmark; give --model/--train-step/--ckpt/--freeze/--m2f-step one dtype"
         )
+    if sum(o is not None for o in others) > 1:
+        raise _fail("give one of --model, --train-step, --ckpt, --freeze, --m2f-step")
+    if batch is not None and (model is None or batch < 1):
+        raise _fail(f"--batch {batch}: a positive training-step batch, with --model")
+    if model is not None:
+        from adapterctl.bench_models import run_bench_models
+
+        done("models", _run_guarded(lambda: run_bench_models(
+            list(model), overrides or [], input_size, batch, runs, warmup, threads, dtype)))  # fmt: skip
+        return
+    side = input_size or 512
     if train_step is not None:
         from adapterctl.bench import run_bench_train_step
 
@@ -186,17 +217,15 @@ def bench(
     if ckpt is not None:
         done(
             "checkpoint",
-            _run_guarded(
-                lambda: run_bench_checkpoint(str(ckpt), input_size, runs, warmup, threads, dtype, overrides or [])
-            ),
+            _run_guarded(lambda: run_bench_checkpoint(str(ckpt), side, runs, warmup, threads, dtype, overrides or [])),
         )
         return
     if overrides:
-        raise _fail(f"unexpected arguments {overrides}: key=value overrides go with --train-step or --ckpt")
+        raise _fail(f"unexpected arguments {overrides}: key=value overrides go with --model, --train-step or --ckpt")
     if freeze is not None:
         from adapterctl.bench import run_bench_freeze
 
-        done("freeze", _run_guarded(lambda: run_bench_freeze(freeze, input_size, 2, runs, warmup, threads, dtype)))
+        done("freeze", _run_guarded(lambda: run_bench_freeze(freeze, side, 2, runs, warmup, threads, dtype)))
         return
     if m2f_step is not None:
         from adapterctl.bench import run_bench_mask2former_step
@@ -208,12 +237,12 @@ def bench(
         from adapterctl.bench import run_bench_dtypes
 
         done("backbone", _run_guarded(
-            lambda: run_bench_dtypes(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads,
+            lambda: run_bench_dtypes(size=size, input_size=side, runs=runs, warmup=warmup, threads=threads,
                                      components=components)
         ))  # fmt: skip
         return
     done("backbone", _run_guarded(
-        lambda: run_bench(size=size, input_size=input_size, runs=runs, warmup=warmup, threads=threads, dtype=dtype,
+        lambda: run_bench(size=size, input_size=side, runs=runs, warmup=warmup, threads=threads, dtype=dtype,
                           components=components)
     ))  # fmt: skip
 

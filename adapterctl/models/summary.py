@@ -24,11 +24,13 @@ def _cpu_sdpa_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args
     return sdpa_flop_count(query, key, value)
 
 
-def count_gflops(model: nn.Module, input_size: int) -> float:
-    """Forward GFLOPs (2 x multiply-adds) by torch.utils.flop_counter; grid_sample is not counted.
+def count_flops(fn, model: nn.Module | None = None) -> int:
+    """FLOPs (2 x multiply-adds) of calling ``fn()``, by torch.utils.flop_counter; grid_sample and the gather are
+    not counted.
 
     torch's counter has no entry for the CPU flash-attention kernel; we count it with the SDPA formula so that
-    attention is counted on every device.
+    attention is counted on every device. ``model``: its parameters stop requiring gradients while counting (the
+    counter's module hooks fail on a view of a parameter made under ``no_grad``, e.g. Mask2Former's queries).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,11 +38,24 @@ def count_gflops(model: nn.Module, input_size: int) -> float:
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         custom[cpu_sdpa] = _cpu_sdpa_flops
+    params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+            fn()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return counter.get_total_flops()
+
+
+def count_gflops(model: nn.Module, input_size: int) -> float:
+    """Forward GFLOPs of ``model`` (eval, no grad) on one ``input_size`` square image (:func:`count_flops`)."""
     model.eval()
     x = torch.zeros(1, 3, input_size, input_size)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        model(x)
-    return counter.get_total_flops() / 1e9
+    with torch.no_grad():
+        return count_flops(lambda: model(x), model) / 1e9
 
 
 def summarize(name: str, model: nn.Module, flops_size: int | None = None) -> ModelSummary:
