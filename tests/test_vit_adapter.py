@@ -398,3 +398,28 @@ def test_the_adapter_drives_its_vit_only_through_a_trunk():
     torch.testing.assert_close(part, vit.blocks[1](tokens))
     with pytest.raises(TypeError, match=r"no trunk drives a torch.nn.modules.linear.Linear; known: .*Eva"):
         trunk_for(torch.nn.Linear(2, 2))  # a family without a trunk is refused by name
+
+
+@pytest.mark.parametrize("x_cl", [False, True])
+@pytest.mark.parametrize("skip_cl", [False, True])
+def test_upsample_add_is_the_transposed_convolution_plus_skip_in_every_layout(x_cl, skip_cl):
+    """The stride-4 up-projection as matmul (+ pixel shuffle, or straight into the sum for channels-last maps):
+    the values and gradients of ``up(x) + skip``, in ``skip``'s layout."""
+    from adapterctl.models.vit_adapter import _upsample_2x2_add
+
+    torch.manual_seed(0)
+    up = torch.nn.ConvTranspose2d(8, 6, 2, 2).double()
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64)
+    skip = torch.randn(2, 6, 6, 10, dtype=torch.float64)
+    x = (x.contiguous(memory_format=cl) if x_cl else x).requires_grad_()
+    skip = (skip.contiguous(memory_format=cl) if skip_cl else skip).requires_grad_()
+    got = _upsample_2x2_add(up, x, skip)
+    assert got.is_contiguous(memory_format=cl if skip_cl else torch.contiguous_format)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (x, skip, up.weight, up.bias), grad)
+    want = up(x) + skip
+    want_grads = torch.autograd.grad(want, (x, skip, up.weight, up.bias), grad)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)

@@ -39,16 +39,25 @@ def _tokens_to_map(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
     return tokens.reshape(b, hw[0], hw[1], d).permute(0, 3, 1, 2)
 
 
-def _upsample_2x2(up: nn.ConvTranspose2d, x: Tensor) -> Tensor:
-    """``up`` (a 2x2, stride-2 transposed convolution) on the (B, D, h, w) map ``x``, as matmul + pixel shuffle.
+def _upsample_2x2_add(up: nn.ConvTranspose2d, x: Tensor, skip: Tensor) -> Tensor:
+    """``up(x) + skip`` for ``up`` a 2x2, stride-2 transposed convolution on the (B, D, h, w) map ``x``.
 
-    Output pixel (2i + di, 2j + dj) is input pixel (i, j) times kernel tap (di, dj): one (O * 4, D) matmul
-    gives every tap as a channel, ``pixel_shuffle`` interleaves them. The same sums as ``up(x)`` without
-    oneDNN's transposed-convolution backward (4x slower than the matmul's on CPU); the layout of ``x``
-    (contiguous or channels-last) is kept.
+    Output pixel (2i + di, 2j + dj) is input pixel (i, j) times kernel tap (di, dj): one (B h w, D) x (D, 4 O)
+    matmul gives every tap of every pixel (the same sums as ``up(x)``, without oneDNN's transposed-convolution
+    backward, 4x slower than the matmul's on CPU). Channels-last maps (rows are pixels): the taps land in the
+    sum with ``skip`` straight from the matmul's rows, one pass over the stride-4 map and no shuffled copy.
+    Contiguous maps: a batched matmul and ``pixel_shuffle``. The result has ``skip``'s layout.
     """
     b, d, h, w = x.shape
     out = up.out_channels
+    channels_last = skip.is_contiguous(memory_format=torch.channels_last) and not skip.is_contiguous()
+    if channels_last and x.is_contiguous(memory_format=torch.channels_last):
+        weight = up.weight.permute(0, 2, 3, 1).reshape(d, 4 * out)  # column (di * 2 + dj) * O + o
+        bias = torch.zeros_like(weight[0]) if up.bias is None else up.bias.repeat(4)
+        taps = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(b * h * w, d), weight).view(b, h, w, 2, 2, out)
+        # (b, i, di, j, dj, o) is the channels-last memory of the (b, o, 2i + di, 2j + dj) map
+        total = torch.add(skip.permute(0, 2, 3, 1).view(b, h, 2, w, 2, out), taps.permute(0, 1, 3, 2, 4, 5))
+        return total.view(b, 2 * h, 2 * w, out).permute(0, 3, 1, 2)
     weight = up.weight.reshape(d, out * 4)  # (in, out, di, dj): column o * 4 + di * 2 + dj, pixel_shuffle's order
     bias = torch.zeros_like(weight[0]) if up.bias is None else up.bias.repeat_interleave(4)
     if x.is_contiguous():
@@ -57,7 +66,7 @@ def _upsample_2x2(up: nn.ConvTranspose2d, x: Tensor) -> Tensor:
     else:  # channels-last: rows are pixels
         y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(b * h * w, d), weight).view(b, h, w, out * 4)
         y = y.permute(0, 3, 1, 2)
-    return F.pixel_shuffle(y, 2)
+    return skip + F.pixel_shuffle(y, 2)  # skip first: a mixed-layout sum takes the first operand's layout
 
 
 def reference_points(shapes: Shapes, device: torch.device) -> Tensor:
@@ -508,7 +517,7 @@ class ViTAdapter(nn.Module):
 
         n2, n3 = c_shapes[0][0] * c_shapes[0][1], c_shapes[1][0] * c_shapes[1][1]
         c2 = to_map(c[:, :n2], c_shapes[0])
-        c1 = _upsample_2x2(self.up, c2) + c1
+        c1 = _upsample_2x2_add(self.up, c2, c1)
         c3 = to_map(c[:, n2 : n2 + n3], c_shapes[1])
         c4 = to_map(c[:, n2 + n3 :], c_shapes[2])
 
