@@ -88,8 +88,9 @@ $(ALL_ROWS): install ## Paper rows (real ADE20K / COCO-Stuff / Cityscapes / Pasc
 bench: install ## ViT-Adapter-T vs plain ViT-T at 512x512 (forward, forward+backward, ratio, GFLOP/s)
 	$(VENV)/bin/adapterctl bench --size t --input 512
 
-bench-models: install ## Whole paper-row models (UperNet-T ADE20K 512, Mask R-CNN-T COCO 1333x800): inference and training step, GFLOPs, images/s, peak memory
-	$(VENV)/bin/adapterctl bench --model ade20k_upernet_vit_adapter_t --model coco_maskrcnn_vit_adapter_t_3x --runs 3 --warmup 1
+bench-models: install ## Whole paper-row models (UperNet-T ADE20K 512, Mask R-CNN-T COCO 1333x800, Mask2Former BEiT-Adapter-B 480): inference, training step, GFLOPs, images/s, peak memory
+	$(VENV)/bin/adapterctl bench --model ade20k_upernet_vit_adapter_t --model coco_maskrcnn_vit_adapter_t_3x \
+		--model pascal_context59_mask2former_beit_adapter_b_480 --runs 3 --warmup 1
 
 bench-m2f: install ## A Mask2Former training step (the demo model) split into backbone / pixel decoder / decoder / matching / loss / backward
 	$(VENV)/bin/adapterctl bench --m2f-step synthetic_mask2former_vit_adapter_t_demo

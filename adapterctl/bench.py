@@ -72,7 +72,7 @@ def time_models_interleaved(
     return [(statistics.median(f), statistics.median(fb)) for f, fb in zip(fwd, fwd_bwd, strict=True)]
 
 
-COMPONENTS = ("spatial prior module", "injectors", "ViT blocks", "extractors")
+COMPONENTS = ("spatial prior module", "injectors", "ViT blocks", "extractors", "output maps")
 
 
 def _capture_component_calls(adapter: nn.Module, x: torch.Tensor, autocast) -> dict[str, list]:
@@ -104,6 +104,7 @@ def _capture_component_calls(adapter: nn.Module, x: torch.Tensor, autocast) -> d
         capture("injectors", layer.injector, "forward")
         for extractor in [layer.extractor, *(layer.extra_extractors or [])]:
             capture("extractors", extractor, "forward")
+    capture("output maps", adapter, "_output_maps")
     try:
         adapter.train()
         with autocast:
@@ -248,7 +249,7 @@ def run_bench(
         for col in ("component", "forward s", "share", "fwd+bwd s", "share"):
             table.add_column(col, justify="left" if col == "component" else "right")
         rest = (af - sum(f for f, _ in parts.values()), afb - sum(fb for _, fb in parts.values()))
-        for name, (f, fb) in [*parts.items(), ("rest (embedding, level maps, norms)", rest)]:
+        for name, (f, fb) in [*parts.items(), ("rest (patch embedding, level embeddings, glue)", rest)]:
             table.add_row(name, f"{f:.3f}", f"{100 * f / af:.0f}%", f"{fb:.3f}", f"{100 * fb / afb:.0f}%")
             key = name.split(" (")[0].replace(" ", "_").lower()
             results[f"{key}_forward_s"], results[f"{key}_forward_backward_s"] = f, fb

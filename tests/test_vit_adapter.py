@@ -297,7 +297,8 @@ def test_bench_prints_both_models_and_ratio_and_writes_json(tmp_path):
     assert r["forward_ratio"] == pytest.approx(r["adapter_forward_s"] / r["plain_forward_s"])
     assert r["adapter_activations_mib"] > r["plain_activations_mib"] > 0
     assert all(
-        r[f"{k}_forward_backward_s"] > 0 for k in ("spatial_prior_module", "injectors", "vit_blocks", "extractors")
+        r[f"{k}_forward_backward_s"] > 0
+        for k in ("spatial_prior_module", "injectors", "vit_blocks", "extractors", "output_maps")
     )
 
 
@@ -343,7 +344,7 @@ def test_bench_components_replay_each_call_on_its_recorded_inputs():
     calls = _capture_component_calls(model, x, nullcontext())
     hook.remove()
     assert {k: len(v) for k, v in calls.items()} == {
-        "spatial prior module": 1, "injectors": 4, "ViT blocks": 4, "extractors": 6,
+        "spatial prior module": 1, "injectors": 4, "ViT blocks": 4, "extractors": 6, "output maps": 1,
     }  # fmt: skip
     assert "forward" not in vars(model.spm) and "run_blocks" not in vars(model.trunk)  # the methods are restored
     fn, args, kwargs = calls["extractors"][-1]

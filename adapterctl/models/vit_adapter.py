@@ -504,7 +504,11 @@ class ViTAdapter(nn.Module):
                 run_vit = partial(self._run_frozen, run_vit)
             tokens, c, prefix = layer(tokens, c, prefix, run_vit, deform_inputs, c_shapes)
             outs.append(tokens)
+        return self._output_maps(c1, c, outs, c_shapes, hw)
 
+    def _output_maps(self, c1: Tensor, c: Tensor, outs: list[Tensor], c_shapes: Shapes, hw: tuple[int, int]):
+        """The four normalised maps from the stride-4 map ``c1``, the stride 8/16/32 token sets ``c`` and the ViT
+        tokens of each interaction ``outs``."""
         # token sets back to maps, all in c1's memory layout (the spatial prior module's: channels-last in
         # inference and in CPU training with AVX512, else contiguous): sums of mixed layouts run 5x slower and
         # the BatchNorms' backward wants one layout. The four outputs keep it (a 12 MiB transposed copy of the
