@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 
@@ -137,6 +138,27 @@ def _median(fn: Callable[[], None], sync: Callable[[], None], runs: int, warmup:
     return statistics.median(times)
 
 
+def prepare(experiment: str, overrides: list[str] | None, batch: int | None, device: str = "auto"):
+    """``(cfg, task, device, batch)`` of one experiment, with what training would refuse (a batch BatchNorm cannot
+    train on, a class list that disagrees with the config) refused here, before anything runs."""
+    from adapterctl.config import compose
+    from adapterctl.engine.tasks import get_task
+    from adapterctl.errors import AdapterctlError, ConfigError
+
+    cfg = compose("train", [f"experiment={experiment}", *(overrides or [])])
+    task = get_task(cfg)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    b = int(batch or cfg.trainer.batch_size)
+    cfg.trainer.batch_size = b
+    try:
+        task.check(SimpleNamespace(distributed=False, device=dev, world_size=1))
+    except AdapterctlError as exc:
+        raise ConfigError(f"--model {experiment}: {exc}") from None
+    return cfg, task, dev, b
+
+
 def bench_model(
     experiment: str,
     overrides: list[str] | None = None,
@@ -149,21 +171,14 @@ def bench_model(
 ) -> dict:
     """One experiment's model: parameters, inference GFLOPs, inference and training-step seconds, images/s and
     peak memory (see the module docstring)."""
-    from adapterctl.config import compose
-    from adapterctl.engine.tasks import get_task
     from adapterctl.models.build import build_model
     from adapterctl.models.summary import count_flops
 
-    cfg = compose("train", [f"experiment={experiment}", *(overrides or [])])
-    task = get_task(cfg)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    cfg, task, dev, b = prepare(experiment, overrides, batch, device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg).to(dev)
     hw = input_size(cfg, side)
-    b = int(batch or cfg.trainer.batch_size)
     image = (torch.rand(3, *hw, generator=torch.Generator().manual_seed(1)) * 255).to(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
@@ -230,6 +245,8 @@ def run_bench_models(
 
     if threads:
         torch.set_num_threads(threads)
+    for e in experiments:  # every config checked before the first model is timed
+        prepare(e, overrides, batch)
     rows = [bench_model(e, overrides, side, batch, runs, warmup, dtype) for e in experiments]
     table = Table(title=f"whole models, {dtype}, {torch.get_num_threads()} threads, median of {runs}")
     cols = ("experiment", "input", "params M", "GFLOPs", "infer s", "img/s", "peak MiB", "batch", "train step s",

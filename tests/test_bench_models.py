@@ -81,8 +81,12 @@ def test_bench_model_refuses_bad_combinations_in_one_line():
         (["bench", "--batch", "2"], "with --model"),
         (["bench", "--model", "synthetic_upernet_vit_adapter_t_demo", "--train-step", "x"], "give one of"),
         (["bench", "--model", "synthetic_upernet_vit_adapter_t_demo", "--dtype", "both"], "one dtype"),
-        (["bench", "--model", "no_such_experiment"], "no_such_experiment"),
+        (
+            ["bench", "--model", "synthetic_upernet_vit_adapter_t_demo", "--model", "no_such_experiment"],
+            "no_such_experiment",
+        ),  # the second model's config is checked before the first is timed
+        (["bench", "--model", "synthetic_upernet_vit_adapter_t_demo", "--batch", "1"], "at least 2 images"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
-        assert needle in result.output and "Traceback" not in result.output
+        assert needle in result.output and "Traceback" not in result.output and "whole models" not in result.output
