@@ -250,9 +250,9 @@ def run_bench_models(
     rows = [bench_model(e, overrides, side, batch, runs, warmup, dtype) for e in experiments]
     table = Table(title=f"whole models, {dtype}, {torch.get_num_threads()} threads, median of {runs}")
     cols = ("experiment", "input", "params M", "GFLOPs", "infer s", "img/s", "peak MiB", "batch", "train step s",
-            "img/s ", "peak MiB ")  # fmt: skip
+            "img/s", "peak MiB")  # fmt: skip
     for col in cols:
-        table.add_column(col, justify="left" if col == "experiment" else "right")
+        table.add_column(col, justify="left" if col == "experiment" else "right", overflow="fold")
     for r in rows:
         h, w = r["input_hw"]
         table.add_row(
