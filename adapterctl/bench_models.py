@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -39,18 +36,18 @@ def input_size(cfg, side: int | None) -> tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def synthetic_batch(cfg, batch: int, hw: tuple[int, int], seed: int = 0) -> tuple:
-    """A training batch in the task's format (``model(*args)`` returns the loss dict): images in 0-255 and random
-    labels (segmentation) or per image 8 boxes with their box-shaped masks (detection; HTC++ also gets a random
-    stuff map)."""
+def synthetic_batch(cfg, batch: int, hw: tuple[int, int], seed: int = 0) -> dict:
+    """A training batch as the task's collate makes it (``task.inputs`` turns it into the model's arguments):
+    images in 0-255 and random labels (segmentation) or per image 8 boxes with their box-shaped masks (detection;
+    HTC++ also gets a random stuff map)."""
     g = torch.Generator().manual_seed(seed)
     h, w = hw
     images = torch.rand(batch, 3, h, w, generator=g) * 255
     num_classes = int(cfg.data.num_classes)
     if str(cfg.task) == "segmentation":
-        return images, torch.randint(0, num_classes, (batch, h, w), generator=g)
-    targets = []
-    for _ in range(batch):
+        return {"image": images, "label": torch.randint(0, num_classes, (batch, h, w), generator=g)}
+    samples = []
+    for image in images:
         n = 8
         wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5]) + 16
         xy = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - wh)
@@ -61,8 +58,8 @@ def synthetic_batch(cfg, batch: int, hw: tuple[int, int], seed: int = 0) -> tupl
         target = {"boxes": boxes, "labels": torch.randint(1, num_classes + 1, (n,), generator=g), "masks": masks}
         if cfg.head.get("semantic_labels"):
             target["semantic"] = torch.randint(0, int(cfg.head.semantic_classes), (h, w), generator=g)
-        targets.append(target)
-    return list(images), targets
+        samples.append({"image": image, "target": target})
+    return {"samples": samples, "skipped": []}
 
 
 class PeakMemory:
@@ -125,19 +122,6 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _median(fn: Callable[[], None], sync: Callable[[], None], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def prepare(experiment: str, overrides: list[str] | None, batch: int | None, device: str = "auto"):
     """``(cfg, task, device, batch)`` of one experiment, with what training would refuse (a batch BatchNorm cannot
     train on, a class list that disagrees with the config) refused here, before anything runs."""
@@ -168,13 +152,15 @@ def bench_model(
     warmup: int = 1,
     dtype: str = "float32",
     device: str = "auto",
+    prepared: tuple | None = None,
 ) -> dict:
     """One experiment's model: parameters, inference GFLOPs, inference and training-step seconds, images/s and
-    peak memory (see the module docstring)."""
+    peak memory (see the module docstring). ``prepared``: :func:`prepare`'s result, when already made."""
+    from adapterctl.bench import _median_time
     from adapterctl.models.build import build_model
     from adapterctl.models.summary import count_flops
 
-    cfg, task, dev, b = prepare(experiment, overrides, batch, device)
+    cfg, task, dev, b = prepared or prepare(experiment, overrides, batch, device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg).to(dev)
@@ -189,7 +175,7 @@ def bench_model(
             else:
                 model([image])
 
-    args = _to(synthetic_batch(cfg, b, hw), dev)
+    args = task.inputs(synthetic_batch(cfg, b, hw), dev)
 
     def step() -> None:
         with autocast:
@@ -199,11 +185,11 @@ def bench_model(
 
     model.eval()
     gflops = count_flops(infer, model) / 1e9
-    infer_s = _median(infer, sync, runs, warmup)
+    infer_s = _median_time(lambda: (infer(), sync()), runs, warmup)
     with PeakMemory(dev) as infer_mem:
         infer()
     model.train()
-    step_s = _median(step, sync, runs, warmup)
+    step_s = _median_time(lambda: (step(), sync()), runs, warmup)
     with PeakMemory(dev) as step_mem:
         step()
     params = sum(p.numel() for p in model.parameters())
@@ -214,19 +200,6 @@ def bench_model(
         "train_step_s": step_s, "train_images_per_s": b / step_s, "train_peak_mib": step_mem.peak_mib,
         "device": str(dev),
     }  # fmt: skip
-
-
-def _to(batch: tuple, dev: torch.device) -> tuple:
-    def move(x):
-        if torch.is_tensor(x):
-            return x.to(dev)
-        if isinstance(x, list):
-            return [move(v) for v in x]
-        if isinstance(x, dict):
-            return {k: move(v) for k, v in x.items()}
-        return x
-
-    return tuple(move(x) for x in batch)
 
 
 def run_bench_models(
@@ -245,9 +218,11 @@ def run_bench_models(
 
     if threads:
         torch.set_num_threads(threads)
-    for e in experiments:  # every config checked before the first model is timed
-        prepare(e, overrides, batch)
-    rows = [bench_model(e, overrides, side, batch, runs, warmup, dtype) for e in experiments]
+    prepared = [prepare(e, overrides, batch) for e in experiments]  # every config checked before any is timed
+    rows = [
+        bench_model(e, overrides, side, batch, runs, warmup, dtype, prepared=p)
+        for e, p in zip(experiments, prepared, strict=True)
+    ]
     table = Table(title=f"whole models, {dtype}, {torch.get_num_threads()} threads, median of {runs}")
     cols = ("experiment", "input", "params M", "GFLOPs", "infer s", "img/s", "peak MiB", "batch", "train step s",
             "img/s", "peak MiB")  # fmt: skip

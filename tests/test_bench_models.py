@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from adapterctl.bench_models import PeakMemory, input_size, synthetic_batch
 from adapterctl.cli import app
 from adapterctl.config import compose
+from adapterctl.engine.tasks import DetectionTask, SegmentationTask
 
 
 def test_input_sizes_are_the_experiments_own():
@@ -39,7 +40,7 @@ def test_peak_memory_is_the_tensor_memory_live_at_once():
 
 def test_synthetic_detection_batch_has_boxes_masks_and_the_stuff_map_htc_needs():
     cfg = compose("train", ["experiment=synthetic_htc_vit_adapter_t_demo"])
-    images, targets = synthetic_batch(cfg, 2, (64, 96))
+    images, targets = DetectionTask.inputs(synthetic_batch(cfg, 2, (64, 96)), torch.device("cpu"))
     assert len(images) == len(targets) == 2 and images[0].shape == (3, 64, 96)
     t = targets[0]
     boxes = t["boxes"]
@@ -51,7 +52,7 @@ def test_synthetic_detection_batch_has_boxes_masks_and_the_stuff_map_htc_needs()
     assert t["labels"].min() >= 1 and t["labels"].max() <= int(cfg.data.num_classes)  # 0 is the background
     assert t["semantic"].shape == (64, 96)
     seg = compose("train", ["experiment=synthetic_upernet_vit_adapter_t_demo"])
-    images, labels = synthetic_batch(seg, 3, (32, 32))
+    images, labels = SegmentationTask.inputs(synthetic_batch(seg, 3, (32, 32)), torch.device("cpu"))
     assert images.shape == (3, 3, 32, 32) and labels.shape == (3, 32, 32) and labels.max() < seg.data.num_classes
 
 
