@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import mmap
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,6 +25,19 @@ def _median_time(fn: Callable[[], None], runs: int, warmup: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def kernel_counters() -> tuple[int, float] | None:
+    """This process's minor page faults and system CPU seconds so far (``getrusage``), or None where the OS has
+    no such counters. A pass that faults in fresh memory (glibc mmaps every block above its threshold, at most
+    32 MiB, and unmaps it on free, so each new large tensor is zero-filled by the kernel page by page) pays
+    that time in the kernel, not in any op's arithmetic: the part of "allocator behaviour" a profile hides."""
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
 
 
 def _outputs(out: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -54,21 +69,44 @@ def time_model(model: nn.Module, x: torch.Tensor, runs: int, warmup: int, dtype:
 
 
 def time_models_interleaved(
-    models: list[nn.Module], x: torch.Tensor, runs: int, warmup: int, dtype: str
+    models: list[nn.Module],
+    x: torch.Tensor,
+    runs: int,
+    warmup: int,
+    dtype: str,
+    kernel: list[dict[str, float]] | None = None,
 ) -> list[tuple[float, float]]:
     """:func:`time_model` for several models with their runs interleaved (run i of every model before run i + 1
     of any): a machine's drift (another process, frequency, the allocator) then weighs on all of them alike, which
-    is what makes their ratios trustworthy. Medians per model."""
+    is what makes their ratios trustworthy. Medians per model. ``kernel``, when given, receives per model the
+    median minor page faults and system CPU seconds of a timed forward+backward (:func:`kernel_counters`; left
+    empty where the OS has none)."""
     passes = [_passes(m, x, dtype) for m in models]
     fwd: list[list[float]] = [[] for _ in models]
     fwd_bwd: list[list[float]] = [[] for _ in models]
+    faults: list[list[float]] = [[] for _ in models]
+    sys_s: list[list[float]] = [[] for _ in models]
     for i in range(warmup + runs):
         for j, (forward, forward_backward) in enumerate(passes):
             for fn, store in ((forward, fwd[j]), (forward_backward, fwd_bwd[j])):
+                before = kernel_counters() if fn is forward_backward else None
                 t0 = time.perf_counter()
                 fn()
                 if i >= warmup:
                     store.append(time.perf_counter() - t0)
+                    after = kernel_counters() if before is not None else None
+                    if before is not None and after is not None:
+                        faults[j].append(after[0] - before[0])
+                        sys_s[j].append(after[1] - before[1])
+    if kernel is not None and all(faults):
+        kernel.extend(
+            {
+                "page_faults": statistics.median(f),
+                "fault_mib": statistics.median(f) * mmap.PAGESIZE / 2**20,
+                "sys_s": statistics.median(s),
+            }
+            for f, s in zip(faults, sys_s, strict=True)
+        )
     return [(statistics.median(f), statistics.median(fb)) for f, fb in zip(fwd, fwd_bwd, strict=True)]
 
 
@@ -202,7 +240,8 @@ def run_bench(
         (f"ViT-Adapter-{size.upper()}, official core", reference),
     )
     autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    times = time_models_interleaved([m for _, m in models], x, runs, warmup, dtype)
+    kernel: list[dict[str, float]] = []
+    times = time_models_interleaved([m for _, m in models], x, runs, warmup, dtype, kernel=kernel)
     rows, saved = [], []
     for (name, model), (fwd, fwd_bwd) in zip(models, times, strict=True):
         rows.append((name, count_gflops(model, input_size), fwd, fwd_bwd))
@@ -222,6 +261,10 @@ def run_bench(
         "plain_activations_mib": saved[0],
         "adapter_activations_mib": saved[1],
     }
+    for who, counters in zip(("plain", "adapter", "reference"), kernel, strict=False):
+        results[f"{who}_forward_backward_page_faults"] = counters["page_faults"]
+        results[f"{who}_forward_backward_fault_mib"] = counters["fault_mib"]
+        results[f"{who}_forward_backward_sys_s"] = counters["sys_s"]
     table = Table(
         title=f"{input_size}x{input_size}, batch 1, {torch.get_num_threads()} threads, {dtype}, median of {runs} "
         "interleaved runs"
@@ -243,6 +286,15 @@ def run_bench(
         "fwd+bwd GFLOP/s counts backward as 2x forward; grid_sample FLOPs are not counted. activations: what "
         "autograd keeps for backward in one forward."
     )
+    if kernel:
+        console.print(
+            "in the kernel per fwd+bwd (median minor page faults, system CPU s; fresh large tensors are zero-filled "
+            "page by page): "
+            + "; ".join(
+                f"{name} {c['page_faults']:.0f} ({c['fault_mib']:.0f} MiB), {c['sys_s']:.2f} s"
+                for (name, _), c in zip(models, kernel, strict=True)
+            )
+        )
     if components:
         parts = component_times(adapter, x, runs, warmup, dtype)
         table = Table(title=f"ViT-Adapter-{size.upper()} by component (each replayed on its recorded inputs)")

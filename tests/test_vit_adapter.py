@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from adapterctl.layers.attention import WindowedAttention
 from adapterctl.models.official import from_official
@@ -296,10 +299,31 @@ def test_bench_prints_both_models_and_ratio_and_writes_json(tmp_path):
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert r["forward_ratio"] == pytest.approx(r["adapter_forward_s"] / r["plain_forward_s"])
     assert r["adapter_activations_mib"] > r["plain_activations_mib"] > 0
+    if sys.platform != "win32":  # the kernel's share of each fwd+bwd, per model
+        assert "in the kernel per fwd+bwd" in result.output
+        for who in ("plain", "adapter", "reference"):
+            assert r[f"{who}_forward_backward_page_faults"] >= 0 and r[f"{who}_forward_backward_sys_s"] >= 0
     assert all(
         r[f"{k}_forward_backward_s"] > 0
         for k in ("spatial_prior_module", "injectors", "vit_blocks", "extractors", "output_maps")
     )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="getrusage is POSIX")
+def test_kernel_counters_see_a_fresh_large_tensor_faulted_in():
+    """64 MiB is above glibc's largest mmap threshold: a fresh tensor that size is mapped anew and every page of it
+    faults in when written (at least one fault per 2 MiB, were transparent huge pages on)."""
+    from adapterctl.bench import kernel_counters, time_models_interleaved
+
+    before = kernel_counters()
+    t = torch.ones(16 * 2**20)
+    after = kernel_counters()
+    assert t.sum().item() == 16 * 2**20
+    assert after[0] - before[0] >= 32 and after[1] >= before[1]
+    kernel: list = []
+    times = time_models_interleaved([nn.Linear(4, 4), nn.Linear(4, 2)], torch.randn(3, 4), 2, 0, "float32", kernel)
+    assert len(times) == len(kernel) == 2
+    assert all(k["page_faults"] >= 0 and k["sys_s"] >= 0 and k["fault_mib"] >= 0 for k in kernel)
 
 
 def test_bench_both_dtypes_prints_the_ratios_side_by_side(tmp_path):
