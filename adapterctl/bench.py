@@ -94,8 +94,8 @@ def time_models_interleaved(
                 fn()
                 if i >= warmup:
                     store.append(time.perf_counter() - t0)
-                    after = kernel_counters() if before is not None else None
-                    if before is not None and after is not None:
+                    if before is not None:
+                        after = kernel_counters()
                         faults[j].append(after[0] - before[0])
                         sys_s[j].append(after[1] - before[1])
     if kernel is not None and all(faults):
