@@ -89,7 +89,7 @@ def time_models_interleaved(
     for i in range(warmup + runs):
         for j, (forward, forward_backward) in enumerate(passes):
             for fn, store in ((forward, fwd[j]), (forward_backward, fwd_bwd[j])):
-                before = kernel_counters() if fn is forward_backward else None
+                before = kernel_counters() if fn is forward_backward and i >= warmup else None
                 t0 = time.perf_counter()
                 fn()
                 if i >= warmup:
